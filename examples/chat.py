@@ -1,0 +1,42 @@
+"""Load a fine-tuned result and answer one message with it.
+
+    python examples/chat.py --model OUTPUT_DIR "Hello!"                   # a full fine-tune or a merged model
+    python examples/chat.py --base BASE_MODEL --adapter OUTPUT_DIR "Hi"   # a LoRA / QLoRA adapter on its base
+"""
+import argparse
+
+import torch
+import transformers
+
+
+def load(model=None, base=None, adapter=None):
+    if adapter:
+        import peft
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(adapter)  # finetune.py saves it with the adapter
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+        return peft.PeftModel.from_pretrained(loaded, adapter), tokenizer
+    return transformers.AutoModelForCausalLM.from_pretrained(model, dtype="auto"), transformers.AutoTokenizer.from_pretrained(model)
+
+
+def reply(model, tokenizer, message, system="You are a helpful assistant.", max_new_tokens=48):
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("message")
+    parser.add_argument("--model", help="folder of a full model")
+    parser.add_argument("--base", help="base model of the adapter")
+    parser.add_argument("--adapter", help="folder written by a LoRA or QLoRA run")
+    parser.add_argument("--max_new_tokens", type=int, default=48)
+    args = parser.parse_args()
+    if not args.model and not (args.base and args.adapter):
+        parser.error("give --model, or --base and --adapter")
+    model, tokenizer = load(args.model, args.base, args.adapter)
+    print(f"user: {args.message}")
+    print(f"assistant: {reply(model, tokenizer, args.message, max_new_tokens=args.max_new_tokens)}")

