@@ -1,0 +1,183 @@
+"""End-to-end runs as a user starts them: finetune.py and the launchers in a subprocess, on tiny random Qwen models.
+
+Marked e2e (each run costs 10-20 s on 2 CPU cores): `pytest -m "not e2e"` skips them, `pytest -m e2e` runs only them.
+"""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import transformers
+from conftest import ROOT, log_history, run_cli, run_finetune, write_jsonl
+from reference_labels import IGNORE, reference_ids_and_labels
+from safetensors.torch import load_file
+
+from tiny_qwen import qwen_tokenizer_dir
+
+pytestmark = pytest.mark.e2e
+
+DATA = os.path.join(ROOT, "examples", "data.jsonl")
+EVAL_DATA = os.path.join(ROOT, "examples", "data_messages.json")
+SHORT_RUN = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--logging_steps", "1",
+             "--seed", "0"]
+LORA = ["--lora_r", "16", "--lora_alpha", "32"]
+
+
+def assert_success(result):
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+
+
+def train_losses(output_dir):
+    return [entry["loss"] for entry in log_history(output_dir) if "loss" in entry]
+
+
+def assert_loss_falls(output_dir):
+    losses = train_losses(output_dir)
+    assert len(losses) >= 8
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    assert last < first - 0.05, losses
+
+
+def logits_of(model, tokenizer):
+    ids = tokenizer("<|im_start|>user\nWhat is 12 times 13?<|im_end|>\n<|im_start|>assistant\n",
+                    return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def base_model(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def assert_adapter_changes_the_model(base_path, adapter_dir):
+    import peft
+
+    files = set(os.listdir(adapter_dir))
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
+    assert not any(f.startswith("model") and f.endswith(".safetensors") for f in files), files  # adapter only
+    tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    assert len(tensors) == 2 * 7 * 2 and all(t.numel() > 0 for t in tensors.values())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(adapter_dir)
+    before = logits_of(base_model(base_path), tokenizer)
+    adapted = peft.PeftModel.from_pretrained(base_model(base_path), adapter_dir)
+    assert not torch.allclose(logits_of(adapted, tokenizer), before, atol=1e-4)
+
+
+def test_full_finetune_of_qwen3_writes_a_model_that_reloads_with_trained_weights(tiny_qwen3, tmp_path):
+    out = str(tmp_path / "full")
+    result = run_finetune(["--model_name_or_path", tiny_qwen3, "--data_path", DATA, "--eval_data_path", EVAL_DATA,
+                           "--output_dir", out, "--max_steps", "12", "--learning_rate", "3e-3",
+                           "--save_strategy", "no", *SHORT_RUN])
+    assert_success(result)
+    assert_loss_falls(out)
+    assert any("eval_loss" in entry for entry in log_history(out))
+    assert "train_tokens_per_second" in json.dumps(log_history(out))
+
+    assert os.path.exists(os.path.join(out, "model.safetensors"))
+    assert not os.path.exists(os.path.join(out, "adapter_config.json"))
+    trained, base = base_model(out), base_model(tiny_qwen3)
+    assert trained.config.use_cache is True
+    changed = [n for n, p in trained.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
+    assert "model.embed_tokens.weight" in changed and any("mlp.down_proj" in n for n in changed)
+    assert transformers.AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<|im_end|>") == 151645
+
+
+def test_finetune_lora_sh_with_default_data_writes_an_adapter_that_changes_outputs(tiny_qwen2, tmp_path):
+    out = str(tmp_path / "lora")
+    result = run_cli(["bash", "finetune_lora.sh", "-m", tiny_qwen2, "-o", out, "--max_steps", "10",
+                      "--learning_rate", "1e-2", "--save_strategy", "no", *LORA, *SHORT_RUN])
+    assert_success(result)
+    assert f"--data_path {DATA}" in result.stdout  # the launcher prints what it runs; DATA defaults to the example
+    assert "trainable parameters:" in result.stderr + result.stdout
+    assert_loss_falls(out)
+    assert_adapter_changes_the_model(tiny_qwen2, out)
+
+
+def test_finetune_qlora_sh_writes_an_adapter_that_loads_on_the_full_precision_base(tiny_qwen2, tmp_path):
+    out = str(tmp_path / "qlora")
+    result = run_cli(["bash", "finetune_qlora.sh", "-m", tiny_qwen2, "-d", DATA, "-o", out, "--max_steps", "8",
+                      "--learning_rate", "1e-2", "--save_strategy", "no", *LORA, *SHORT_RUN])
+    assert_success(result)
+    assert "--q_lora true" in result.stdout
+    assert_adapter_changes_the_model(tiny_qwen2, out)
+
+
+def test_lora_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(tiny_qwen2, tmp_path):
+    def run(out, *extra):
+        return run_finetune(["--model_name_or_path", tiny_qwen2, "--data_path", DATA, "--output_dir", out,
+                             "--use_lora", "true", "--max_steps", "6", "--save_steps", "3", "--learning_rate", "1e-2",
+                             *LORA, *SHORT_RUN, *extra])
+
+    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    assert_success(run(whole))
+    shutil.copytree(os.path.join(whole, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
+    result = run(resumed, "--resume_from_checkpoint", "true")
+    assert_success(result)
+    assert "resuming from" in result.stderr and "checkpoint-3" in result.stderr
+    # The resumed run carries the checkpoint's history (steps 1-3) and logs the same losses for steps 4-6.
+    whole_losses, resumed_losses = train_losses(whole), train_losses(resumed)
+    assert len(resumed_losses) == 6
+    assert resumed_losses == pytest.approx(whole_losses, rel=1e-5)
+
+    expected = load_file(os.path.join(whole, "adapter_model.safetensors"))
+    got = load_file(os.path.join(resumed, "adapter_model.safetensors"))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7)
+    assert any("lora_B" in key and got[key].abs().sum() > 0 for key in got)  # the adapter did train
+
+
+def test_preprocess_only_loads_no_model_and_dumps_exactly_the_label_rule(tmp_path):
+    conversations = [
+        [{"role": "user", "content": "Quelle heure est-il ?"}, {"role": "assistant", "content": "Il est midi. ⏰"},
+         {"role": "user", "content": "Merci\n"}, {"role": "assistant", "content": "  Avec plaisir."}],
+        [{"role": "system", "content": "Reply in haiku."}, {"role": "user", "content": "rain"},
+         {"role": "assistant", "content": "grey sky softly weeps\n\npuddles gather silver light"}],
+        [{"role": "user", "content": "x " * 400}, {"role": "assistant", "content": "cut away"}],
+    ]
+    data = write_jsonl(tmp_path / "new.jsonl", [{"messages": c} for c in conversations])
+    out = str(tmp_path / "preview")
+    # The model folder holds only a tokenizer: loading any model would fail.
+    result = run_finetune(["--model_name_or_path", qwen_tokenizer_dir(), "--data_path", data, "--output_dir", out,
+                           "--preprocess_only", "true", "--system_message", "Be kind.", "--model_max_length", "256"])
+    assert_success(result)
+    assert "samples kept: 2" in result.stdout and "1 with no trained token within --model_max_length" in result.stdout
+    assert "⟦Il est midi. ⏰<|im_end|>⟧" in result.stdout
+    with open(os.path.join(out, "tokenized_train.jsonl")) as f:
+        dumped = [json.loads(line) for line in f]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+    for example, messages in zip(dumped, conversations[:2]):
+        if messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": "Be kind."}] + messages
+        _, ids, labels = reference_ids_and_labels(tokenizer, messages)
+        assert example == {"input_ids": ids, "labels": labels}
+        assert any(label != IGNORE for label in labels)
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+@pytest.mark.parametrize("case", ["bad json line", "missing file"])
+def test_data_errors_end_with_one_line_and_no_traceback(tmp_path, case):
+    if case == "bad json line":
+        data = tmp_path / "train.jsonl"
+        data.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+                        '{"messages": [\n')
+        expected = f"error: {data} line 2: not valid JSON"
+        command = ["bash", "finetune_lora.sh", "-m", qwen_tokenizer_dir(), "-d", str(data), "-o", str(tmp_path / "o")]
+    else:
+        data = tmp_path / "absent.jsonl"
+        expected = f"error: {data}: file not found"
+        command = None
+    result = run_cli(command) if command else run_finetune(
+        ["--model_name_or_path", qwen_tokenizer_dir(), "--data_path", str(data), "--output_dir", str(tmp_path / "o")])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(expected), result.stderr
+
+
+def test_demo_builds_trains_and_generates(tmp_path):
+    result = run_cli(["bash", os.path.join("examples", "demo.sh"), str(tmp_path / "demo")])
+    assert_success(result)
+    assert "random weights" in result.stdout and "assistant: " in result.stdout
+    assert os.path.exists(tmp_path / "demo" / "adapter" / "adapter_model.safetensors")

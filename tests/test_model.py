@@ -1,0 +1,96 @@
+"""Model loading in-process: LoRA targets, bias modes, starting from an adapter, 4-bit QLoRA, resume resolution."""
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finetune
+
+QWEN_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def training_args(tmp_path, **kwargs):
+    return finetune.TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", **kwargs)
+
+
+def lora_args(**kwargs):
+    args = finetune.LoraArguments(use_lora=True, lora_r=4, lora_alpha=8, **kwargs)
+    finetune.check_arguments(finetune.DataArguments(data_path="unused"), finetune.TrainingArguments(output_dir="x"), args)
+    return args
+
+
+def load(model_dir, tmp_path, **lora_kwargs):
+    return finetune.load_model(finetune.ModelArguments(model_name_or_path=model_dir), training_args(tmp_path),
+                               lora_args(**lora_kwargs))
+
+
+@pytest.mark.parametrize("arch", ["tiny_qwen2", "tiny_qwen3"])
+def test_default_lora_targets_every_decoder_projection_and_not_lm_head(arch, request, tmp_path):
+    model = load(request.getfixturevalue(arch), tmp_path)
+    targets = model.peft_config["default"].target_modules  # peft resolves 'all-linear' to full module names
+    assert {name.split(".")[-1] for name in targets} == QWEN_PROJECTIONS and len(targets) == 2 * 7
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    assert len(trainable) == 2 * len(QWEN_PROJECTIONS) * 2  # A and B, 7 projections, 2 layers
+    assert model.base_model.model.config.use_cache is False
+
+
+def test_comma_separated_target_modules(tiny_qwen2, tmp_path):
+    model = load(tiny_qwen2, tmp_path, lora_target_modules=["q_proj,v_proj"])
+    assert set(model.peft_config["default"].target_modules) == {"q_proj", "v_proj"}
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_lora_bias_modes_train_and_save_the_biases(tiny_qwen2, tmp_path, bias):
+    model = load(tiny_qwen2, tmp_path, lora_bias=bias)
+    trainable_biases = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")}
+    # Qwen2 has biases on q, k and v only, all of them adapted: both modes train exactly those six.
+    assert len(trainable_biases) == 6 and all(
+        n.endswith(("q_proj.base_layer.bias", "k_proj.base_layer.bias", "v_proj.base_layer.bias")) for n in trainable_biases)
+    model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert sum(key.endswith(".bias") for key in saved) == 6
+
+
+def test_lora_weight_path_continues_from_the_given_adapter(tiny_qwen2, tmp_path):
+    first = load(tiny_qwen2, tmp_path)
+    with torch.no_grad():
+        for name, p in first.named_parameters():
+            if ".lora_B." in name:
+                p.normal_()  # a trained-looking adapter (B starts at zero)
+    first.save_pretrained(tmp_path / "adapter")
+    expected = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+
+    continued = finetune.load_model(finetune.ModelArguments(model_name_or_path=tiny_qwen2), training_args(tmp_path),
+                                    lora_args(lora_weight_path=str(tmp_path / "adapter")))
+    state = {n: p for n, p in continued.named_parameters() if ".lora_" in n}
+    assert len(state) == len(expected) and all(p.requires_grad for p in state.values())
+    for key, value in expected.items():
+        assert torch.equal(state[key.replace(".weight", ".default.weight")].detach(), value)
+
+
+def test_lora_weight_path_without_an_adapter_is_refused(tmp_path):
+    with pytest.raises(finetune.UserError, match="no adapter_config.json"):
+        lora_args(lora_weight_path=str(tmp_path))
+
+
+def test_qlora_loads_the_base_in_4bit_nf4_with_double_quantization(tiny_qwen2, tmp_path):
+    import bitsandbytes as bnb
+
+    model = load(tiny_qwen2, tmp_path, q_lora=True)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(q_proj, bnb.nn.Linear4bit)
+    assert q_proj.weight.quant_state.quant_type == "nf4" and q_proj.weight.quant_state.nested
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+
+
+def test_resume_true_takes_the_newest_checkpoint(tmp_path):
+    args = training_args(tmp_path, resume_from_checkpoint="true")
+    with pytest.raises(finetune.UserError, match="no checkpoint-\\* folder"):
+        finetune.resolve_resume_checkpoint(args)
+    for step in (5, 10):
+        os.makedirs(tmp_path / "out" / f"checkpoint-{step}")
+    assert finetune.resolve_resume_checkpoint(args) == str(tmp_path / "out" / "checkpoint-10")
+    assert finetune.resolve_resume_checkpoint(training_args(tmp_path, resume_from_checkpoint="false")) is None
