@@ -3,13 +3,17 @@
     python finetune.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --data_path data.jsonl \
         --output_dir out --use_lora true
 
+It runs unchanged as `python finetune.py`, `torchrun --nproc_per_node N finetune.py` and `deepspeed finetune.py`,
+with or without `--deepspeed ds_config_zero2.json|ds_config_zero3.json`.
+
 The file reads top to bottom in the order a run happens:
   1. arguments      ModelArguments, DataArguments, TrainingArguments, LoraArguments
-  2. data           read and check samples -> render ChatML -> token ids + labels -> datasets, collator
-  3. preview        --preprocess_only: a report and a dump of exactly what would be trained
-  4. model          full precision, LoRA or 4-bit QLoRA
-  5. saving         one ZeRO-3-aware function that writes the adapter (LoRA) or the full model
-  6. main           the flow, and the one place where user errors become a one-line message
+  2. distributed    the one place that knows about launchers, DDP and DeepSpeed ZeRO-3
+  3. data           read and check samples -> render ChatML -> token ids + labels -> datasets, collator
+  4. preview        --preprocess_only: a report and a dump of exactly what would be trained
+  5. model          full precision, LoRA or 4-bit QLoRA
+  6. saving         one ZeRO-3-aware save, used for checkpoints and the final result
+  7. main           the flow, and the one place where user errors become a one-line message
 
 Label rule: only what the assistant says is trained, plus the <|im_end|> that closes each assistant turn.
 """
@@ -123,15 +127,25 @@ class LoraArguments:
     lora_bias: Literal["none", "all", "lora_only"] = field(
         default="none", metadata={"help": "Which biases to train with the adapter: none, all or lora_only."}
     )
+    lora_modules_to_save: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Modules trained in full and saved with the adapter, space- or comma-separated; for example "
+            "embed_tokens,lm_head for a base model that must learn the ChatML control tokens."
+        },
+    )
 
 
 def parse_arguments(argv=None):
+    # Creating TrainingArguments starts torch.distributed: the environment must be ready before.
+    argv = prepare_launch_environment(sys.argv[1:] if argv is None else list(argv))
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
     try:
         model_args, data_args, training_args, lora_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:  # unknown flags and combinations the Trainer rejects
         raise UserError(str(e)) from None
     check_arguments(data_args, training_args, lora_args)
+    check_distributed_setup(training_args, lora_args)
     return model_args, data_args, training_args, lora_args
 
 
@@ -143,14 +157,18 @@ def check_arguments(data_args, training_args, lora_args):
         raise UserError(f"--model_max_length must be at least 2, got {training_args.model_max_length}")
     if training_args.bf16 and training_args.fp16:
         raise UserError("choose one of --bf16 and --fp16")
-    lora_args.lora_target_modules = [
-        name for item in lora_args.lora_target_modules for name in item.split(",") if name.strip()
-    ]
+    lora_args.lora_target_modules = split_names(lora_args.lora_target_modules)
+    lora_args.lora_modules_to_save = split_names(lora_args.lora_modules_to_save)
     if (lora_args.q_lora or lora_args.lora_weight_path) and not lora_args.use_lora:
         lora_args.use_lora = True
         log.info("--q_lora / --lora_weight_path imply --use_lora: training a LoRA adapter")
     if lora_args.lora_weight_path and not os.path.isfile(os.path.join(lora_args.lora_weight_path, "adapter_config.json")):
         raise UserError(f"--lora_weight_path {lora_args.lora_weight_path}: no adapter_config.json in that folder")
+
+
+def split_names(items):
+    """['q_proj,k_proj', 'v_proj'] -> ['q_proj', 'k_proj', 'v_proj']: both spellings of a list flag work."""
+    return [name.strip() for item in items for name in item.split(",") if name.strip()]
 
 
 def resolve_resume_checkpoint(training_args):
@@ -173,7 +191,80 @@ def resolve_resume_checkpoint(training_args):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. Data: read -> check -> render ChatML -> tokenize -> labels
+# 2. Distributed: torchrun / DDP, the deepspeed launcher, DeepSpeed ZeRO-2/3. Every special case lives here.
+# ----------------------------------------------------------------------------------------------------------
+
+def prepare_launch_environment(argv):
+    """Fill in what a launcher or a GPU would have provided, before TrainingArguments starts torch.distributed.
+
+    Returns the command line, with what the Trainer then needs added to it."""
+    with_deepspeed = any(arg == "--deepspeed" or arg.startswith("--deepspeed=") for arg in argv)
+    if with_deepspeed and "RANK" not in os.environ:
+        # `python finetune.py --deepspeed ...`: a one-process group, as the deepspeed launcher would describe it.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if torch.cuda.is_available():
+        return argv
+    if with_deepspeed:
+        # Accelerate runs DeepSpeed on GPUs only; on the CPU every rank would believe it is alone. Start the
+        # group over gloo here and have the Trainer use it as configured.
+        from accelerate import PartialState
+
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+        return argv + ["--accelerator_config", '{"use_configured_state": true}']
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # else DDP ranks each train alone and exit 0
+    return argv
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def uses_zero3():
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def check_distributed_setup(training_args, lora_args):
+    """Stop at start-up, in one line, on a combination that cannot work; finish DeepSpeed's set-up on the CPU."""
+    if lora_args.q_lora and uses_zero3():
+        raise UserError("--q_lora cannot be combined with ZeRO-3 here; use ds_config_zero2.json (or no --deepspeed)")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size != launched:
+        raise UserError(
+            f"the launcher started {launched} processes but they did not join one group "
+            f"(this one sees a world of {training_args.world_size}); check the launcher's variables"
+        )
+    if lora_args.use_lora and training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = False  # the frozen base has no gradients, by design
+
+
+def gather_trainable_state_dict(model):
+    """The trainable parameters at full shape, on the CPU of rank 0 (None elsewhere); every rank must call it.
+
+    Under ZeRO-3 each parameter is spread over the ranks: they are gathered one at a time, so memory stays near
+    the size of the adapter, never the size of the model."""
+    import deepspeed
+
+    state_dict = {} if is_main_process() else None
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            with deepspeed.zero.GatheredParameters([param]):
+                if state_dict is not None:
+                    state_dict[name] = param.detach().cpu().clone()
+    return state_dict
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Data: read -> check -> render ChatML -> tokenize -> labels
 # ----------------------------------------------------------------------------------------------------------
 
 ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
@@ -470,7 +561,7 @@ def load_tokenizer(model_args, training_args):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Preview: what exactly will be trained
+# 4. Preview: what exactly will be trained
 # ----------------------------------------------------------------------------------------------------------
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
@@ -522,7 +613,7 @@ def preview(dataset, tokenizer, output_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Model: full, LoRA or QLoRA
+# 5. Model: full, LoRA or QLoRA
 # ----------------------------------------------------------------------------------------------------------
 
 def compute_dtype(training_args):
@@ -576,36 +667,48 @@ def add_lora(model, training_args, lora_args):
         lora_dropout=lora_args.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         bias=lora_args.lora_bias,
+        modules_to_save=lora_args.lora_modules_to_save or None,
         task_type="CAUSAL_LM",
     )
     return peft.get_peft_model(model, config)
 
 
 def log_trainable_parameters(model):
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    def count(p):
+        return getattr(p, "ds_numel", p.numel())  # under ZeRO-3 a parameter's local tensor is empty
+
+    trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(count(p) for p in model.parameters())
     log.info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Saving
+# 6. Saving
 # ----------------------------------------------------------------------------------------------------------
 
-def save_trained_model(trainer, output_dir):
-    """Write the final result to output_dir: the adapter only with LoRA, else the full model; plus the tokenizer.
+class FinetuneTrainer(transformers.Trainer):
+    """The Hugging Face Trainer, with one save for checkpoints and the final result alike.
 
-    Every rank must call this: under DeepSpeed ZeRO-3 the weights are spread over the ranks and the Trainer
-    gathers them (stage3_gather_16bit_weights_on_model_save) before rank 0 writes."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    model.config.use_cache = True  # training turned it off; inference wants it back
-    trainer.save_model(output_dir)
-    if is_main_process():
-        kind = "LoRA adapter" if hasattr(model, "peft_config") else "model"
-        log.info(f"saved the {kind} and the tokenizer to {output_dir}")
+    With LoRA under ZeRO-3 only the adapter's parameters are gathered (the Trainer's own save would gather the
+    whole model layer by layer); everything else is the Trainer's save: the adapter only for a PeftModel, the
+    full model otherwise (under ZeRO-3 gathered through stage3_gather_16bit_weights_on_model_save)."""
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        model.config.use_cache = True  # training turned it off; whoever loads the result wants it back
+        if hasattr(model, "peft_config") and uses_zero3():
+            state_dict = gather_trainable_state_dict(model)  # every rank takes part
+            if self.args.should_save:
+                model.save_pretrained(output_dir, state_dict=state_dict)
+                self.processing_class.save_pretrained(output_dir)
+        else:
+            super().save_model(output_dir, _internal_call=_internal_call)
+        model.config.use_cache = False
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. main
+# 7. main
 # ----------------------------------------------------------------------------------------------------------
 
 def train(argv=None):
@@ -623,7 +726,7 @@ def train(argv=None):
         eval_dataset = make_dataset(data_args.eval_data_path, encoder, data_args.lazy_preprocess)
 
     model = load_model(model_args, training_args, lora_args)
-    trainer = transformers.Trainer(
+    trainer = FinetuneTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -638,7 +741,9 @@ def train(argv=None):
         # Eval data without an eval schedule: evaluate once, at the end.
         trainer.log_metrics("eval", trainer.evaluate())
     trainer.save_state()
-    save_trained_model(trainer, training_args.output_dir)
+    trainer.save_model(training_args.output_dir)  # every rank: ZeRO-3 gathers across them
+    kind = "LoRA adapter" if lora_args.use_lora else "model"
+    log.info(f"saved the {kind} and the tokenizer to {training_args.output_dir}")
 
 
 def main(argv=None):

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# LoRA fine-tuning of a Qwen chat model on your conversations.
+# LoRA fine-tuning of a Qwen chat model on your conversations, on one GPU, all GPUs of a node, or several nodes.
 #
-#   bash finetune_lora.sh [-m MODEL] [-d DATA] [-o OUTPUT] [any finetune.py flag ...]
+#   bash finetune_lora.sh [-m MODEL] [-d DATA] [-o OUTPUT] [--ds CONFIG|none] [any finetune.py flag ...]
 #
-# MODEL, DATA and OUTPUT may also come from the environment. Flags after them go to finetune.py unchanged
-# and win over the defaults below (for example --num_train_epochs 1 or --model_max_length 4096).
-# PRECISION=auto|bf16|fp16|fp32 picks the dtype (auto: bf16 on a GPU that has it, fp16 on other GPUs,
-# fp32 on the CPU). finetune_qlora.sh is this script with --q_lora true.
+# MODEL, DATA, OUTPUT and DS_CONFIG may also come from the environment. Flags after them go to finetune.py
+# unchanged and win over the defaults below (for example --num_train_epochs 1 or --model_max_length 4096).
+# Processes: NPROC_PER_NODE (default: every visible GPU, 1 without one), NNODES (1), NODE_RANK (0),
+# MASTER_ADDR (127.0.0.1; required when NNODES > 1), MASTER_PORT (29500), RDZV_TIMEOUT (seconds the nodes wait
+# for each other before giving up, 300). One process runs `python`, more run `torchrun`.
+# DeepSpeed: --ds / DS_CONFIG (default ds_config_zero2.json on GPUs, none on the CPU, where it is for tests only).
+# PRECISION=auto|bf16|fp16|fp32 (auto: bf16 on GPUs that have it, fp16 on other GPUs, fp32 on the CPU).
+# finetune_qlora.sh is this script with --q_lora true.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -15,38 +19,72 @@ DATA="${DATA:-$HERE/examples/data.jsonl}"
 OUTPUT="${OUTPUT:-output_lora}"
 PRECISION="${PRECISION:-auto}"
 PYTHON="${PYTHON:-python}"
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+RDZV_TIMEOUT="${RDZV_TIMEOUT:-300}"
 
-usage() { sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+fail() { echo "error: $*" >&2; exit 2; }
+usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 passthrough=()
 while [ $# -gt 0 ]; do
     case "$1" in
-        -m|--model)  [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; }; MODEL="$2"; shift 2 ;;
-        -d|--data)   [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; }; DATA="$2"; shift 2 ;;
-        -o|--output) [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; }; OUTPUT="$2"; shift 2 ;;
+        -m|--model)  [ $# -ge 2 ] || fail "$1 needs a value"; MODEL="$2"; shift 2 ;;
+        -d|--data)   [ $# -ge 2 ] || fail "$1 needs a value"; DATA="$2"; shift 2 ;;
+        -o|--output) [ $# -ge 2 ] || fail "$1 needs a value"; OUTPUT="$2"; shift 2 ;;
+        --ds)        [ $# -ge 2 ] || fail "$1 needs a value"; DS_CONFIG="$2"; shift 2 ;;
         -h|--help)   usage; exit 0 ;;
         *)           passthrough+=("$1"); shift ;;
     esac
 done
 
-if [ "$PRECISION" = auto ]; then
-    PRECISION="$("$PYTHON" -c 'import torch
-if not torch.cuda.is_available(): print("fp32")
-else: print("bf16" if torch.cuda.is_bf16_supported() else "fp16")')"
-fi
+# What this machine has: number of GPUs and the best precision they support.
+read -r GPUS BEST_PRECISION < <("$PYTHON" -c 'import torch
+n = torch.cuda.device_count()
+print(n, ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if n else "fp32")')
+NPROC_PER_NODE="${NPROC_PER_NODE:-$(( GPUS > 0 ? GPUS : 1 ))}"
+[ "$PRECISION" = auto ] && PRECISION="$BEST_PRECISION"
 case "$PRECISION" in
     bf16) precision_flags=(--bf16 true) ;;
     fp16) precision_flags=(--fp16 true) ;;
     fp32) precision_flags=() ;;
-    *) echo "error: PRECISION must be auto, bf16, fp16 or fp32, got '$PRECISION'" >&2; exit 2 ;;
+    *) fail "PRECISION must be auto, bf16, fp16 or fp32, got '$PRECISION'" ;;
 esac
+if [ -z "${DS_CONFIG:-}" ]; then
+    DS_CONFIG=$([ "$GPUS" -gt 0 ] && echo "$HERE/ds_config_zero2.json" || echo none)
+fi
+ds_flags=()
+if [ "$DS_CONFIG" != none ]; then
+    [ -f "$DS_CONFIG" ] || fail "DeepSpeed config $DS_CONFIG not found"
+    ds_flags=(--deepspeed "$DS_CONFIG")
+fi
 
-cmd=("$PYTHON" "$HERE/finetune.py"
+# Wrong node variables make torchrun wait forever for peers that never come: check them first.
+[[ "$NNODES" =~ ^[1-9][0-9]*$ ]] || fail "NNODES must be a positive integer, got '$NNODES'"
+[[ "$NODE_RANK" =~ ^[0-9]+$ ]] && [ "$NODE_RANK" -lt "$NNODES" ] \
+    || fail "NODE_RANK must be 0..$((NNODES - 1)) for NNODES=$NNODES, got '$NODE_RANK'"
+[[ "$NPROC_PER_NODE" =~ ^[1-9][0-9]*$ ]] || fail "NPROC_PER_NODE must be a positive integer, got '$NPROC_PER_NODE'"
+if [ "$NNODES" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
+    fail "NNODES=$NNODES needs MASTER_ADDR: the address of the node with NODE_RANK=0, the same on every node"
+fi
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+
+if [ "$NNODES" -eq 1 ] && [ "$NPROC_PER_NODE" -eq 1 ]; then
+    launcher=("$PYTHON")
+else
+    launcher=("$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC_PER_NODE" --nnodes "$NNODES"
+              --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
+              --rdzv_conf "timeout=$RDZV_TIMEOUT")
+fi
+
+cmd=("${launcher[@]}" "$HERE/finetune.py"
     --model_name_or_path "$MODEL"
     --data_path "$DATA"
     --output_dir "$OUTPUT"
     --use_lora true
     "${precision_flags[@]}"
+    "${ds_flags[@]}"
     --num_train_epochs 3
     --per_device_train_batch_size 2
     --gradient_accumulation_steps 8
