@@ -168,3 +168,14 @@ def test_qlora_with_zero3_stops_at_start_up_with_one_line(tiny_qwen2, tmp_path):
                       "--deepspeed", os.path.join(ROOT, "ds_config_zero3.json")])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: --q_lora cannot be combined with ZeRO-3" in result.stderr
+
+
+def test_single_process_qlora_with_deepspeed_zero2_trains_and_saves(tiny_qwen2, tmp_path):
+    out = str(tmp_path / "qlora_zero2")
+    result = run_cli(["python", os.path.join(ROOT, "finetune.py"), "--model_name_or_path", tiny_qwen2,
+                      "--data_path", DATA, "--output_dir", out, "--q_lora", "true", "--max_steps", "3",
+                      "--learning_rate", "1e-2", "--deepspeed", os.path.join(ROOT, "ds_config_zero2.json"),
+                      *LORA, *RUN])
+    assert_success(result)  # the reference scripts died here on 'DummyOptim' object has no attribute 'step'
+    assert len(train_losses(out)) == 3
+    assert_changes_outputs(tiny_qwen2, out)
