@@ -12,7 +12,7 @@ The file reads top to bottom in the order a run happens:
   3. data           read and check samples -> render ChatML -> token ids + labels -> datasets, collator
   4. preview        --preprocess_only: a report and a dump of exactly what would be trained
   5. model          full precision, LoRA or 4-bit QLoRA
-  6. saving         one ZeRO-3-aware save, used for checkpoints and the final result
+  6. training       the Trainer with a loss that skips masked positions, throughput logs, a ZeRO-3-aware save
   7. main           the flow, and the one place where user errors become a one-line message
 
 Label rule: only what the assistant says is trained, plus the <|im_end|> that closes each assistant turn.
@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import time
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,7 +29,9 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import transformers
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import Dataset
 
 IGNORE_INDEX = -100  # label value that the loss skips
@@ -59,6 +62,9 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run Python code shipped with the model. Only for models you trust."}
+    )
+    attn_implementation: Optional[str] = field(
+        default=None, metadata={"help": "sdpa (the default), eager or flash_attention_2 (GPU, needs flash-attn)."}
     )
 
 
@@ -98,8 +104,24 @@ class TrainingArguments(transformers.TrainingArguments):
     include_num_input_tokens_seen: str = field(
         default="non_padding", metadata={"help": "Count the real (non-pad) input tokens seen: all, non_padding, no."}
     )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Padding-free batches: a batch's samples share one row, positions restart per sample, "
+                  "and no token attends across samples."},
+    )
+    group_by_length: bool = field(
+        default=False, metadata={"help": "Batch samples of similar length together (less padding without packing)."}
+    )
+    chunked_loss: bool = field(
+        default=True,
+        metadata={"help": "Project only trained positions through lm_head, a chunk at a time, instead of building "
+                  "logits for every position; false = the model's standard loss."},
+    )
+    loss_chunk_size: int = field(default=1024, metadata={"help": "Positions per lm_head chunk of the chunked loss."})
 
     def __post_init__(self):
+        if self.group_by_length:
+            self.train_sampling_strategy = "group_by_length"
         super().__post_init__()
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on the CPU it only warns
@@ -157,6 +179,8 @@ def check_arguments(data_args, training_args, lora_args):
         raise UserError(f"--model_max_length must be at least 2, got {training_args.model_max_length}")
     if training_args.bf16 and training_args.fp16:
         raise UserError("choose one of --bf16 and --fp16")
+    if training_args.loss_chunk_size < 1:
+        raise UserError(f"--loss_chunk_size must be positive, got {training_args.loss_chunk_size}")
     lora_args.lora_target_modules = split_names(lora_args.lora_target_modules)
     lora_args.lora_modules_to_save = split_names(lora_args.lora_modules_to_save)
     if (lora_args.q_lora or lora_args.lora_weight_path) and not lora_args.use_lora:
@@ -393,14 +417,14 @@ def render_chatml(conversation, default_system):
 
 def labels_from_offsets(input_ids, offsets, trained_spans):
     """Labels = input ids where the token's first character lies in a trained span, IGNORE_INDEX elsewhere."""
-    ids = np.asarray(input_ids, dtype=np.int64)
+    ids = np.asarray(input_ids, dtype=np.int32)
     token_starts = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
     span_starts = np.asarray([s for s, _ in trained_spans], dtype=np.int64)
     span_ends = np.asarray([e for _, e in trained_spans], dtype=np.int64)
     span = np.searchsorted(span_ends, token_starts, side="right")  # first span that ends after the token starts
     inside = span < len(span_ends)
     inside[inside] = token_starts[inside] >= span_starts[span[inside]]
-    return ids.tolist(), np.where(inside, ids, IGNORE_INDEX).tolist()
+    return ids, np.where(inside, ids, IGNORE_INDEX).astype(np.int32)
 
 
 class ChatEncoder:
@@ -423,7 +447,8 @@ class ChatEncoder:
         return parse_sample(sample, where, self.forbidden_tokens)
 
     def encode(self, conversations):
-        """Encode a batch; an entry is None when the sample keeps no trained token after truncation."""
+        """Encode a batch into int32 arrays (4 bytes a token, not a Python int's 36); an entry is None when the
+        sample keeps no trained token after truncation."""
         rendered = [render_chatml(c, self.system_message) for c in conversations]
         batch = self.tokenizer(
             [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True, verbose=False
@@ -432,7 +457,7 @@ class ChatEncoder:
         for ids, offsets, (_, spans) in zip(batch["input_ids"], batch["offset_mapping"], rendered):
             n = self.model_max_length
             input_ids, labels = labels_from_offsets(ids[:n], offsets[:n], spans)
-            trained = any(label != IGNORE_INDEX for label in labels)
+            trained = bool((labels != IGNORE_INDEX).any())
             examples.append({"input_ids": input_ids, "labels": labels} if trained else None)
         return examples
 
@@ -447,6 +472,11 @@ class ChatEncoder:
 
 
 DROP_REASON_TRUNCATED = "no trained token within --model_max_length"
+
+
+def as_lists(example):
+    """What a dataset hands out: plain lists, as a collator or a JSON dump expects."""
+    return {"input_ids": example["input_ids"].tolist(), "labels": example["labels"].tolist()}
 
 
 class SupervisedDataset(Dataset):
@@ -471,11 +501,16 @@ class SupervisedDataset(Dataset):
             else:
                 self.examples.append(example)
 
+    @property
+    def lengths(self):
+        """Token counts, for --group_by_length (no second pass over the data)."""
+        return [len(e["input_ids"]) for e in self.examples]
+
     def __len__(self):
         return len(self.examples)
 
     def __getitem__(self, i):
-        return self.examples[i]
+        return as_lists(self.examples[i])
 
 
 class LazySupervisedDataset(Dataset):
@@ -489,11 +524,14 @@ class LazySupervisedDataset(Dataset):
         self.is_jsonl = detect_format(path) == "jsonl"
         self.samples = None if self.is_jsonl else []
         self.locations = array("q")  # byte offset (JSONL) or index into self.samples (JSON) of each kept sample
+        self.lengths = array("i")  # rendered characters, capped at the token limit: an estimate for grouping
         for where, sample, location in iter_raw_samples(path):
             conversation = encoder.parse(sample, where)
             if not encoder.surely_keeps_a_trained_token(conversation) and encoder.encode([conversation])[0] is None:
                 self.dropped[DROP_REASON_TRUNCATED] += 1
                 continue
+            text, _ = render_chatml(conversation, encoder.system_message)
+            self.lengths.append(min(len(text), encoder.model_max_length))
             if self.samples is not None:
                 self.samples.append(sample)
                 location = len(self.samples) - 1
@@ -513,7 +551,7 @@ class LazySupervisedDataset(Dataset):
                 sample = parse_json_line(f.readline(), where)
         else:
             where, sample = f"{self.path} sample {location}", self.samples[location]
-        return self.encoder.encode([self.encoder.parse(sample, where)])[0]
+        return as_lists(self.encoder.encode([self.encoder.parse(sample, where)])[0])
 
 
 def make_dataset(path, encoder, lazy):
@@ -547,6 +585,14 @@ class PadToLongestCollator:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def make_collator(tokenizer, packing):
+    if packing:
+        # One row per batch, position ids restarting at 0 per sample, no attention mask: the attention
+        # implementations then keep samples apart (tests check it); IGNORE_INDEX labels the first token of each.
+        return transformers.DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    return PadToLongestCollator(tokenizer.pad_token_id)
+
+
 def load_tokenizer(model_args, training_args):
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         model_args.model_name_or_path,
@@ -570,7 +616,7 @@ TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 def describe_dataset(dataset):
     """A short report: samples kept and dropped, token counts, lengths."""
     lengths = np.array([len(e["input_ids"]) for e in dataset.examples])
-    trained = sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in dataset.examples)
+    trained = sum(int((e["labels"] != IGNORE_INDEX).sum()) for e in dataset.examples)
     lines = [f"samples kept: {len(dataset)}", f"samples dropped: {sum(dataset.dropped.values())}"]
     lines += [f"  {count} with {reason}" for reason, count in dataset.dropped.items()]
     if len(lengths):
@@ -599,7 +645,7 @@ def write_tokenized(dataset, path):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for example in dataset.examples:
-            f.write(json.dumps({"input_ids": example["input_ids"], "labels": example["labels"]}) + "\n")
+            f.write(json.dumps(as_lists(example)) + "\n")
 
 
 def preview(dataset, tokenizer, output_dir):
@@ -627,6 +673,8 @@ def compute_dtype(training_args):
 def load_model(model_args, training_args, lora_args):
     dtype = compute_dtype(training_args)
     load_kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code}
+    if model_args.attn_implementation:
+        load_kwargs["attn_implementation"] = model_args.attn_implementation
     if lora_args.q_lora:
         load_kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True,
@@ -683,17 +731,106 @@ def log_trainable_parameters(model):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Saving
+# 6. Training: the Hugging Face Trainer, with a loss that skips masked positions, throughput logs, one save
 # ----------------------------------------------------------------------------------------------------------
 
-class FinetuneTrainer(transformers.Trainer):
-    """The Hugging Face Trainer, with one save for checkpoints and the final result alike.
+class ChunkedCausalLMLoss:
+    """Next-token cross-entropy over trained positions only, projected through lm_head a chunk at a time.
 
-    With LoRA under ZeRO-3 only the adapter's parameters are gathered (the Trainer's own save would gather the
-    whole model layer by layer); everything else is the Trainer's save: the adapter only for a PeftModel, the
-    full model otherwise (under ZeRO-3 gathered through stage3_gather_16bit_weights_on_model_save)."""
+    The standard loss builds logits for every position: tokens x ~151k vocabulary floats (about 5 GB in fp32 for
+    8k tokens) although most positions are masked. This loss takes the decoder's final hidden states, keeps the
+    positions whose next token is trained, and scores them `chunk_size` at a time; backward recomputes a chunk's
+    logits instead of keeping them, so its memory grows with the chunk, not with the batch. It is the Trainer's
+    `compute_loss_func`, so the Trainer still weights it by the trained tokens of a whole accumulated step."""
+
+    def __init__(self, model, chunk_size):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft
+        self.lm_head = base.get_output_embeddings()
+        self.chunk_size = chunk_size
+        # Under ZeRO-3 a recomputed chunk would meet lm_head's weight partitioned again: keep the chunks'
+        # logits instead (still only the trained positions', never the whole batch's).
+        self.recompute = not uses_zero3()
+        self.hidden_states = None
+        base.get_decoder().register_forward_hook(self._keep_hidden_states)
+
+    def _keep_hidden_states(self, module, inputs, output):
+        self.hidden_states = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    def __call__(self, outputs, labels, num_items_in_batch=None):
+        hidden_states, self.hidden_states = self.hidden_states, None
+        next_tokens = labels[:, 1:]
+        trained = next_tokens != IGNORE_INDEX
+        hidden_states, next_tokens = hidden_states[:, :-1][trained], next_tokens[trained]
+        total = hidden_states.sum().float() * 0.0  # keeps the graph whole when a micro-batch trains nothing
+        for start in range(0, len(next_tokens), self.chunk_size):
+            chunk = slice(start, start + self.chunk_size)
+            if self.recompute:
+                total = total + checkpoint(self._chunk_loss, hidden_states[chunk], next_tokens[chunk],
+                                           use_reentrant=False)
+            else:
+                total = total + self._chunk_loss(hidden_states[chunk], next_tokens[chunk])
+        return total / (num_items_in_batch if num_items_in_batch is not None else max(len(next_tokens), 1))
+
+    def _chunk_loss(self, hidden_states, next_tokens):
+        return F.cross_entropy(self.lm_head(hidden_states).float(), next_tokens, reduction="sum")
+
+
+class FinetuneTrainer(transformers.Trainer):
+    """The Hugging Face Trainer, plus: the chunked loss, length grouping from the dataset's own lengths,
+    tokens/s per device in the logs, and one save for checkpoints and the final result."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.chunked_loss:
+            self.compute_loss_func = ChunkedCausalLMLoss(self.model, self.args.loss_chunk_size)
+        self._tokens = self._trained_tokens = 0  # this device's, since the last log
+        self._total_tokens = self._total_trained_tokens = 0
+        self._window_start = None  # start of the current logging window
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self._window_start = self._window_start or time.perf_counter()
+            mask = inputs.get("attention_mask")
+            self._tokens += mask.sum() if mask is not None else inputs["input_ids"].numel()
+            self._trained_tokens += (inputs["labels"] != IGNORE_INDEX).sum()
+        if self.compute_loss_func is not None:
+            # The chunked loss projects the trained positions itself: the model keeps no logits at all.
+            no_positions = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+            inputs = {**inputs, "logits_to_keep": no_positions}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def log(self, logs, *args, **kwargs):
+        """Add this device's tokens/s and trained tokens/s to every training log and to the final summary."""
+        if "loss" in logs or "train_runtime" in logs:
+            tokens, trained = int(self._tokens), int(self._trained_tokens)
+            self._tokens = self._trained_tokens = 0
+            self._total_tokens += tokens
+            self._total_trained_tokens += trained
+            if "loss" in logs:  # since the previous training log
+                now = time.perf_counter()
+                elapsed, self._window_start = max(now - (self._window_start or now), 1e-9), now
+            else:  # the whole run
+                elapsed, tokens, trained = logs["train_runtime"], self._total_tokens, self._total_trained_tokens
+            logs["tokens_per_second_per_device"] = round(tokens / elapsed, 1)
+            logs["trained_tokens_per_second_per_device"] = round(trained / elapsed, 1)
+        super().log(logs, *args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            return transformers.trainer_pt_utils.LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                dataset=dataset,
+                lengths=list(dataset.lengths),
+            )
+        return super()._get_train_sampler(train_dataset)
 
     def save_model(self, output_dir=None, _internal_call=False):
+        """The adapter only with LoRA, else the full model; plus the tokenizer. Every rank must call it.
+
+        With LoRA under ZeRO-3 only the adapter's parameters are gathered (the Trainer's own save would gather
+        the whole model layer by layer); a full model under ZeRO-3 is gathered by the Trainer through
+        stage3_gather_16bit_weights_on_model_save."""
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
         model.config.use_cache = True  # training turned it off; whoever loads the result wants it back
@@ -725,13 +862,14 @@ def train(argv=None):
     if data_args.eval_data_path:
         eval_dataset = make_dataset(data_args.eval_data_path, encoder, data_args.lazy_preprocess)
 
+    transformers.set_seed(training_args.seed)  # before the adapter's random init, so that --seed repeats a run
     model = load_model(model_args, training_args, lora_args)
     trainer = FinetuneTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=PadToLongestCollator(tokenizer.pad_token_id),
+        data_collator=make_collator(tokenizer, training_args.packing),
         processing_class=tokenizer,
     )
     if resume_from:

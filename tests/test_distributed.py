@@ -123,6 +123,17 @@ def test_zero3_lora_saves_the_complete_adapter_and_resumes(tiny_qwen2, tmp_path)
         torch.testing.assert_close(value, saved[key], rtol=1e-5, atol=1e-6)
 
 
+def test_zero3_chunked_loss_matches_the_standard_loss(tiny_qwen2, tmp_path):
+    runs = {}
+    for chunked in ("true", "false"):
+        out = str(tmp_path / f"chunked_{chunked}")
+        assert_success(run_cli(torchrun("--model_name_or_path", tiny_qwen2, "--data_path", DATA, "--output_dir", out,
+                                        "--deepspeed", zero3_config(tmp_path), "--max_steps", "3",
+                                        "--learning_rate", "1e-2", "--chunked_loss", chunked, *LORA, *RUN)))
+        runs[chunked] = train_losses(out)
+    assert len(runs["true"]) == 3 and runs["true"] == pytest.approx(runs["false"], rel=1e-5)
+
+
 def test_zero3_full_finetune_saves_a_model_that_reloads_with_trained_weights(tiny_qwen3, tmp_path):
     out = str(tmp_path / "zero3_full")
     result = run_cli(torchrun("--model_name_or_path", tiny_qwen3, "--data_path", DATA, "--output_dir", out,

@@ -64,15 +64,19 @@ def assert_adapter_changes_the_model(base_path, adapter_dir):
     assert not torch.allclose(logits_of(adapted, tokenizer), before, atol=1e-4)
 
 
-def test_full_finetune_of_qwen3_writes_a_model_that_reloads_with_trained_weights(tiny_qwen3, tmp_path):
+def test_full_finetune_of_qwen3_with_packing_writes_a_model_that_reloads_with_trained_weights(tiny_qwen3, tmp_path):
     out = str(tmp_path / "full")
     result = run_finetune(["--model_name_or_path", tiny_qwen3, "--data_path", DATA, "--eval_data_path", EVAL_DATA,
                            "--output_dir", out, "--max_steps", "12", "--learning_rate", "3e-3",
-                           "--save_strategy", "no", *SHORT_RUN])
+                           "--save_strategy", "no", "--packing", "true", *SHORT_RUN])
     assert_success(result)
     assert_loss_falls(out)
     assert any("eval_loss" in entry for entry in log_history(out))
-    assert "train_tokens_per_second" in json.dumps(log_history(out))
+    steps = [entry for entry in log_history(out) if "loss" in entry]
+    assert all(e["tokens_per_second_per_device"] >= e["trained_tokens_per_second_per_device"] > 0 for e in steps)
+    summary = next(entry for entry in log_history(out) if "train_runtime" in entry)
+    assert summary["trained_tokens_per_second_per_device"] > 0
+    assert "trained_tokens_per_second_per_device" in result.stdout + result.stderr  # users see it in the logs
 
     assert os.path.exists(os.path.join(out, "model.safetensors"))
     assert not os.path.exists(os.path.join(out, "adapter_config.json"))
@@ -83,10 +87,11 @@ def test_full_finetune_of_qwen3_writes_a_model_that_reloads_with_trained_weights
     assert transformers.AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<|im_end|>") == 151645
 
 
-def test_finetune_lora_sh_with_default_data_writes_an_adapter_that_changes_outputs(tiny_qwen2, tmp_path):
+def test_finetune_lora_sh_with_default_data_and_length_grouping_writes_an_adapter_that_changes_outputs(tiny_qwen2, tmp_path):
     out = str(tmp_path / "lora")
     result = run_cli(["bash", "finetune_lora.sh", "-m", tiny_qwen2, "-o", out, "--max_steps", "10",
-                      "--learning_rate", "1e-2", "--save_strategy", "no", *LORA, *SHORT_RUN])
+                      "--learning_rate", "1e-2", "--save_strategy", "no", "--group_by_length", "true",
+                      *LORA, *SHORT_RUN])
     assert_success(result)
     assert f"--data_path {DATA}" in result.stdout  # the launcher prints what it runs; DATA defaults to the example
     assert "trainable parameters:" in result.stderr + result.stdout

@@ -1,0 +1,243 @@
+"""Throughput of the ways to batch and score SFT data, side by side in one run, on the CPU.
+
+    python benchmarks/throughput.py [--samples 24] [--workdir /tmp/qwen-finetune-bench]
+
+One random-weight Qwen2 model (hidden 256, 4 layers, the real 151,680-entry vocabulary: ~42M parameters) and one
+synthetic data set (token lengths log-normal, median ~300, capped at 2048; 40% prompt, 60% answer) are built once;
+each mode then fine-tunes the full model for one epoch over the same samples in a fresh process, and the table
+gives real (non-pad) tokens/s, trained tokens/s, peak resident memory and the ratio to the first row:
+  (a) pad every sample to model_max_length (what the reference scripts do)
+  (b) pad each batch to its longest sample          (c) (b) + --group_by_length
+  (d) --packing (standard loss)                      (e) --packing + the chunked loss (our default loss)
+  (f) TRL's SFTTrainer with packing (padding-free), if trl is installed (pip install -r benchmarks/requirements.txt)
+Then the loss alone at 8 x 1024 tokens: peak memory of the standard loss and of the chunked loss, forward+backward.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+MAX_LENGTH = 2048
+BATCH = 4
+MODES = {
+    "a": "pad to model_max_length",
+    "b": "dynamic padding",
+    "c": "dynamic padding + group_by_length",
+    "d": "packing",
+    "e": "packing + chunked loss",
+    "f": "TRL SFTTrainer, packing",
+}
+WORDS = ("the of and a to in is you that it he was for on are as with his they at be this from have or by one had "
+         "not but what all were when we there can an your which their said if do will each about how up out them "
+         "then she many some so these would other into has more her two like him see time could no make than first "
+         "been its who now people my made over did down only way find use may water long little very after words "
+         "called just where most know get through back much before go good new write our used me man too any day "
+         "same right look think also around another came come work three word must because does part even place").split()
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(workdir, samples, seed=0):
+    """The model and the data set, written once and shared by every mode."""
+    import transformers
+    from tiny_qwen import qwen_tokenizer_dir
+
+    import torch
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+    config = transformers.Qwen2Config(
+        vocab_size=151680, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True,
+        eos_token_id=151645, pad_token_id=151643, bos_token_id=151643)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(os.path.join(workdir, "model"))
+    tokenizer.save_pretrained(os.path.join(workdir, "model"))
+
+    rng = random.Random(seed)
+    with open(os.path.join(workdir, "data.jsonl"), "w") as f:
+        for _ in range(samples):
+            tokens = min(int(rng.lognormvariate(math.log(300), 0.8)), MAX_LENGTH - 40)
+            words = [rng.choice(WORDS) for _ in range(max(tokens - 30, 4))]  # ~1 token a word, ~30 for the template
+            cut = max(1, int(len(words) * 0.4))
+            f.write(json.dumps({"messages": [{"role": "user", "content": " ".join(words[:cut])},
+                                             {"role": "assistant", "content": " ".join(words[cut:])}]}) + "\n")
+    return model.num_parameters()
+
+
+class PadToMaxLength:
+    """The reference behaviour: every sample padded to model_max_length."""
+
+    def __init__(self, pad_token_id, length):
+        import finetune
+
+        self.pad = finetune.PadToLongestCollator(pad_token_id)
+        self.length = length
+
+    def __call__(self, examples):
+        filler = {"input_ids": [self.pad.pad_token_id] * self.length, "labels": [-100] * self.length}
+        batch = self.pad(list(examples) + [filler])
+        batch = {k: v[:-1] for k, v in batch.items()}
+        return batch
+
+
+def run_mode(mode, workdir):
+    """Train one epoch in this process; return its numbers."""
+    import finetune
+
+    import torch
+
+    torch.manual_seed(0)
+    model_dir, data = os.path.join(workdir, "model"), os.path.join(workdir, "data.jsonl")
+    if mode == "f":
+        return run_trl(model_dir, data, workdir)
+    argv = ["--model_name_or_path", model_dir, "--data_path", data, "--output_dir", os.path.join(workdir, mode),
+            "--model_max_length", str(MAX_LENGTH), "--per_device_train_batch_size", str(BATCH),
+            "--num_train_epochs", "1", "--learning_rate", "1e-4", "--save_strategy", "no", "--logging_steps", "1000",
+            "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true",
+            "--chunked_loss", str(mode == "e").lower(), "--packing", str(mode in "de").lower(),
+            "--group_by_length", str(mode == "c").lower()]
+    model_args, data_args, training_args, lora_args = finetune.parse_arguments(argv)
+    tokenizer = finetune.load_tokenizer(model_args, training_args)
+    encoder = finetune.ChatEncoder(tokenizer, MAX_LENGTH, data_args.system_message)
+    dataset = finetune.SupervisedDataset(data, encoder)
+    collator = (PadToMaxLength(tokenizer.pad_token_id, MAX_LENGTH) if mode == "a"
+                else finetune.make_collator(tokenizer, training_args.packing))
+    model = finetune.load_model(model_args, training_args, lora_args)
+    trainer = finetune.FinetuneTrainer(model=model, args=training_args, train_dataset=dataset,
+                                       data_collator=collator, processing_class=tokenizer)
+    seconds = trainer.train().metrics["train_runtime"]
+    real = sum(len(e["input_ids"]) for e in dataset.examples)
+    trained = sum(sum(label != -100 for label in e["labels"][1:]) for e in dataset.examples)
+    return {"seconds": seconds, "real_tokens": real, "trained_tokens": trained}
+
+
+def run_trl(model_dir, data, workdir):
+    import datasets
+    import transformers
+    import trl
+
+    rows = []
+    with open(data) as f:
+        for line in f:
+            messages = json.loads(line)["messages"]
+            rows.append({"prompt": [{"role": "system", "content": "You are a helpful assistant."}, messages[0]],
+                         "completion": [messages[1]]})
+    dataset = datasets.Dataset.from_list(rows)
+    config = trl.SFTConfig(output_dir=os.path.join(workdir, "f"), max_length=MAX_LENGTH, packing=True,
+                           per_device_train_batch_size=1, num_train_epochs=1, learning_rate=1e-4,
+                           save_strategy="no", logging_steps=1000, use_cpu=True, report_to="none",
+                           disable_tqdm=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=dataset,
+                             processing_class=transformers.AutoTokenizer.from_pretrained(model_dir))
+    real = sum(len(r["input_ids"]) for r in trainer.train_dataset)
+    trained = sum(sum(r["completion_mask"]) for r in trainer.train_dataset) if "completion_mask" in \
+        trainer.train_dataset.column_names else None
+    seconds = trainer.train().metrics["train_runtime"]
+    return {"seconds": seconds, "real_tokens": real, "trained_tokens": trained, "trl": trl.__version__}
+
+
+def loss_memory(kind, batch=8, length=1024, vocab=151680, hidden=256, chunk=1024):
+    """Peak memory added by one forward+backward of the loss alone (hidden states in, gradients out)."""
+    import finetune
+
+    import torch
+
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+    hidden_states = torch.randn(batch, length, hidden, requires_grad=True)
+    labels = torch.randint(0, vocab, (batch, length))
+    labels[:, : length // 2] = -100  # half the positions are prompt
+    before = peak_rss_mb()
+    start = time.perf_counter()
+    if kind == "standard":
+        logits = lm_head(hidden_states).float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100)
+    else:
+        class Holder(torch.nn.Module):
+            def get_output_embeddings(self):
+                return lm_head
+
+            def get_decoder(self):
+                return torch.nn.Identity()
+
+        loss_fn = finetune.ChunkedCausalLMLoss(Holder(), chunk)
+        loss_fn.hidden_states = hidden_states
+        loss = loss_fn(None, labels)
+    loss.backward()
+    return {"peak_added_mb": peak_rss_mb() - before, "seconds": time.perf_counter() - start, "loss": loss.item()}
+
+
+def child(args):
+    result = loss_memory(args.child[5:]) if args.child.startswith("loss:") else run_mode(args.child, args.workdir)
+    result["peak_rss_mb"] = peak_rss_mb()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(what, workdir):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, __file__, "--child", what, "--workdir", workdir],
+                          capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=24)
+    parser.add_argument("--workdir", default="/tmp/qwen-finetune-bench")
+    parser.add_argument("--modes", default="abcdef")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    os.makedirs(args.workdir, exist_ok=True)
+    params = build(args.workdir, args.samples)
+    print(f"model: random Qwen2, {params / 1e6:.1f}M parameters; data: {args.samples} samples, log-normal lengths "
+          f"(median ~300 tokens, max {MAX_LENGTH}); batch {BATCH}; fp32; {os.cpu_count()} CPU cores; "
+          f"{time.strftime('%Y-%m-%d')}\n")
+    rows = []
+    print(f"{'mode':<40} {'real tok/s':>10} {'trained tok/s':>13} {'peak RSS MB':>11} {'x (a)':>7}")
+    for mode in args.modes:
+        result = run_child(mode, args.workdir)
+        if "error" in result:
+            print(f"({mode}) {MODES[mode]:<36} failed: {result['error'][:120]}")
+            continue
+        real = result["real_tokens"] / result["seconds"]
+        trained = (result["trained_tokens"] or 0) / result["seconds"]
+        base = rows[0][1] if rows else real
+        rows.append((mode, real))
+        print(f"({mode}) {MODES[mode]:<36} {real:>10.1f} {trained:>13.1f} {result['peak_rss_mb']:>11.0f} "
+              f"{real / base:>7.2f}")
+
+    print("\nloss alone, 8 x 1024 tokens, vocabulary 151,680, half the positions trained (forward + backward):")
+    memory = {kind: run_child(f"loss:{kind}", args.workdir) for kind in ("standard", "chunked")}
+    for kind, result in memory.items():
+        if "error" in result:
+            print(f"  {kind:<9} failed: {result['error'][:120]}")
+        else:
+            print(f"  {kind:<9} peak memory added {result['peak_added_mb']:>7.0f} MB, {result['seconds']:.2f} s, "
+                  f"loss {result['loss']:.6f}")
+    if all("error" not in r for r in memory.values()):
+        ratio = memory["standard"]["peak_added_mb"] / max(memory["chunked"]["peak_added_mb"], 1)
+        print(f"  the chunked loss needs {ratio:.1f}x less memory")
+
+
+if __name__ == "__main__":
+    main()

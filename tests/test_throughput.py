@@ -1,0 +1,133 @@
+"""Packing isolation, the chunked loss against the standard loss, token-weighted accumulation, length grouping."""
+import pytest
+import torch
+from conftest import make_encoder, write_jsonl
+from test_model import lora_args, training_args
+
+import finetune
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 12 times 13?"}, {"role": "assistant", "content": "156."}],
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue, like the sky at noon."},
+     {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Green."}],
+    [{"role": "user", "content": "Say something long, please, with many words in it."},
+     {"role": "assistant", "content": "Here is a sentence that goes on for a while so that this sample is longer "
+                                      "than the others and the batch needs padding or packing to hold it."}],
+]
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer, tmp_path_factory):
+    path = write_jsonl(tmp_path_factory.mktemp("data") / "d.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    dataset = finetune.SupervisedDataset(path, make_encoder(tokenizer))
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def load(model_dir, tmp_path, attn="sdpa", **lora_kwargs):
+    model_args = finetune.ModelArguments(model_name_or_path=model_dir, attn_implementation=attn)
+    args = lora_args(**lora_kwargs) if lora_kwargs else finetune.LoraArguments()
+    model = finetune.load_model(model_args, training_args(tmp_path), args)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a LoRA B starts at zero: give the adapter weights that matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    return model
+
+
+def summed_loss(logits, labels):
+    """Sum of next-token cross-entropy over trained positions: the quantity both losses normalise."""
+    return torch.nn.functional.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("arch", ["tiny_qwen2", "tiny_qwen3"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_samples_do_not_see_each_other(request, tmp_path, examples, tokenizer, arch, attn):
+    model = load(request.getfixturevalue(arch), tmp_path, attn=attn).eval()
+    packed = finetune.make_collator(tokenizer, packing=True)(examples)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    assert packed["position_ids"][0].tolist() == [p for e in examples for p in range(len(e["input_ids"]))]
+    with torch.no_grad():
+        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        alone = [model(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in examples]
+    start, packed_sum, alone_sum, trained = 0, 0.0, 0.0, 0
+    for example, logits in zip(examples, alone):
+        end = start + len(example["input_ids"])
+        torch.testing.assert_close(packed_logits[start:end], logits, rtol=1e-5, atol=1e-5)
+        labels = torch.tensor(example["labels"])
+        packed_sum += summed_loss(packed_logits[start:end], labels)
+        alone_sum += summed_loss(logits, labels)
+        trained += int((labels[1:] != -100).sum())
+        start = end
+    # The packed row's own loss (labels of the flattened batch, one mean) equals the mean over separate samples.
+    with torch.no_grad():
+        packed_loss = model(**packed).loss
+    assert packed_loss.item() == pytest.approx((alone_sum / trained).item(), rel=1e-5)
+
+
+def standard_and_chunked(model, batch, num_items_in_batch=None):
+    """(loss, grads) of the model's own loss and of the chunked loss on the same batch."""
+    results = []
+    chunked = finetune.ChunkedCausalLMLoss(model, chunk_size=7)
+    for use_chunked in (False, True):
+        model.zero_grad()
+        if use_chunked:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            outputs = model(**inputs, logits_to_keep=torch.empty(0, dtype=torch.long))
+            assert outputs.logits.shape[1] == 0  # no logits were built for the batch
+            loss = chunked(outputs, batch["labels"], num_items_in_batch)
+        else:
+            loss = model(**batch, num_items_in_batch=num_items_in_batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    return results
+
+
+@pytest.mark.parametrize("kind", ["full", "lora", "qlora", "packed"])
+def test_chunked_loss_equals_the_standard_loss_and_gradients(tiny_qwen2, tmp_path, examples, tokenizer, kind):
+    # No LoRA dropout: both losses must see the same forward.
+    lora = {"lora": {"lora_dropout": 0.0}, "qlora": {"q_lora": True, "lora_dropout": 0.0}}.get(kind, {})
+    model = load(tiny_qwen2, tmp_path, **lora).train()
+    batch = finetune.make_collator(tokenizer, packing=kind == "packed")(examples)
+    for num_items in (None, 57):  # a micro-batch alone, and one of an accumulated step of 57 trained tokens
+        (standard, standard_grads), (chunked, chunked_grads) = standard_and_chunked(model, batch, num_items)
+        assert chunked.item() == pytest.approx(standard.item(), rel=1e-5)
+        assert standard_grads.keys() == chunked_grads.keys() and standard_grads
+        for name in standard_grads:
+            torch.testing.assert_close(chunked_grads[name], standard_grads[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_accumulated_step_loss_is_the_mean_over_all_its_trained_tokens(tiny_qwen2, tmp_path, examples, tokenizer,
+                                                                        chunked):
+    model = load(tiny_qwen2, tmp_path)
+    with torch.no_grad():  # what the first optimizer step sees: the initial weights on both micro-batches
+        sums = [summed_loss(model(input_ids=torch.tensor([e["input_ids"]])).logits[0], torch.tensor(e["labels"]))
+                for e in examples[:2]]
+    counts = [sum(label != -100 for label in e["labels"][1:]) for e in examples[:2]]
+    assert counts[0] != counts[1]  # so that the mean of means would differ
+    args = training_args(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=1,
+                         logging_steps=1, learning_rate=0.0, train_sampling_strategy="sequential",
+                         chunked_loss=chunked, save_strategy="no")
+    trainer = finetune.FinetuneTrainer(model=model, args=args, train_dataset=examples[:2],
+                                       data_collator=finetune.make_collator(tokenizer, packing=False),
+                                       processing_class=tokenizer)
+    trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    assert logged["loss"] == pytest.approx(float(sum(sums) / sum(counts)), rel=1e-4)
+    assert logged["trained_tokens_per_second_per_device"] > 0 and logged["tokens_per_second_per_device"] > 0
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_group_by_length_uses_the_datasets_own_lengths(tokenizer, tmp_path, tiny_qwen2, lazy, monkeypatch):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": c} for c in CONVERSATIONS] * 4)
+    encoder = make_encoder(tokenizer)
+    dataset = (finetune.LazySupervisedDataset if lazy else finetune.SupervisedDataset)(path, encoder)
+    monkeypatch.setattr(encoder, "encode", lambda *a: pytest.fail("a second tokenization pass"))
+    args = training_args(tmp_path, group_by_length=True, per_device_train_batch_size=2)
+    trainer = finetune.FinetuneTrainer(model=load(tiny_qwen2, tmp_path), args=args, train_dataset=dataset,
+                                       data_collator=finetune.make_collator(tokenizer, False), processing_class=tokenizer)
+    sampler = trainer._get_train_sampler()
+    assert sampler.lengths == list(dataset.lengths) and len(set(sampler.lengths)) == 3
+    assert sorted(sampler) == list(range(12))
