@@ -20,6 +20,8 @@ Label rule: only what the assistant says is trained, plus the <|im_end|> that cl
 import json
 import logging
 import os
+import shutil
+import signal
 import sys
 import time
 from array import array
@@ -76,6 +78,11 @@ class DataArguments:
     eval_data_path: Optional[str] = field(
         default=None, metadata={"help": "Evaluation conversations, same formats; eval loss is logged."}
     )
+    val_size: float = field(
+        default=0,
+        metadata={"help": "Hold out this fraction (0-1) or number (>= 1) of training samples for evaluation, "
+                  "chosen by --seed; instead of --eval_data_path."},
+    )
     lazy_preprocess: bool = field(
         default=False, metadata={"help": "Tokenize each sample when it is used instead of all up front."}
     )
@@ -103,6 +110,10 @@ class TrainingArguments(transformers.TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every column of the examples."})
     include_num_input_tokens_seen: str = field(
         default="non_padding", metadata={"help": "Count the real (non-pad) input tokens seen: all, non_padding, no."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start afresh: ignore the checkpoints in output_dir (a rerun otherwise resumes from them)."},
     )
     packing: bool = field(
         default=False,
@@ -179,6 +190,8 @@ def check_arguments(data_args, training_args, lora_args):
         raise UserError(f"--model_max_length must be at least 2, got {training_args.model_max_length}")
     if training_args.bf16 and training_args.fp16:
         raise UserError("choose one of --bf16 and --fp16")
+    if data_args.val_size < 0 or (data_args.val_size and data_args.eval_data_path):
+        raise UserError("--val_size must be >= 0 and cannot be combined with --eval_data_path")
     if training_args.loss_chunk_size < 1:
         raise UserError(f"--loss_chunk_size must be positive, got {training_args.loss_chunk_size}")
     lora_args.lora_target_modules = split_names(lora_args.lora_target_modules)
@@ -195,23 +208,43 @@ def split_names(items):
     return [name.strip() for item in items for name in item.split(",") if name.strip()]
 
 
-def resolve_resume_checkpoint(training_args):
-    """--resume_from_checkpoint takes a checkpoint folder, or true for the newest one in output_dir."""
-    value = training_args.resume_from_checkpoint
-    if value is None or value.lower() in ("", "false", "no", "0"):
+def newest_complete_checkpoint(output_dir):
+    """The newest checkpoint-N in output_dir that was written to the end, or None.
+
+    The Trainer writes trainer_state.json last, so a checkpoint cut short by a crash lacks it (or holds a broken
+    one, or one from another step) and is passed over."""
+    if not os.path.isdir(output_dir):
         return None
-    if value.lower() in ("true", "yes", "1"):
-        last = None
-        if os.path.isdir(training_args.output_dir):
-            last = transformers.trainer_utils.get_last_checkpoint(training_args.output_dir)
-        if last is None:
-            raise UserError(
-                f"--resume_from_checkpoint true: no checkpoint-* folder in --output_dir {training_args.output_dir}"
-            )
-        return last
-    if not os.path.isdir(value):
-        raise UserError(f"--resume_from_checkpoint {value}: no such folder")
-    return value
+    steps = sorted((int(name.split("-")[1]) for name in os.listdir(output_dir)
+                    if name.startswith("checkpoint-") and name.split("-")[1].isdigit()), reverse=True)
+    for step in steps:
+        folder = os.path.join(output_dir, f"checkpoint-{step}")
+        try:
+            with open(os.path.join(folder, "trainer_state.json")) as f:
+                if json.load(f).get("global_step") == step:
+                    return folder
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def resolve_resume_checkpoint(training_args):
+    """Where training starts. By default, the newest complete checkpoint in output_dir, so that repeating the
+    command of an interrupted run continues it; --resume_from_checkpoint takes a folder, true (a checkpoint must
+    exist) or false; --overwrite_output_dir starts afresh."""
+    value = (training_args.resume_from_checkpoint or "").strip()
+    if value.lower() in ("false", "no", "0") or training_args.overwrite_output_dir:
+        return None
+    if value and value.lower() not in ("true", "yes", "1"):
+        if not os.path.isdir(value):
+            raise UserError(f"--resume_from_checkpoint {value}: no such folder")
+        return value
+    newest = newest_complete_checkpoint(training_args.output_dir)
+    if newest is None and value:
+        raise UserError(
+            f"--resume_from_checkpoint true: no complete checkpoint-* folder in --output_dir {training_args.output_dir}"
+        )
+    return newest
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -449,6 +482,10 @@ class ChatEncoder:
     def encode(self, conversations):
         """Encode a batch into int32 arrays (4 bytes a token, not a Python int's 36); an entry is None when the
         sample keeps no trained token after truncation."""
+        return [example for example, _ in self.encode_with_lengths(conversations)]
+
+    def encode_with_lengths(self, conversations):
+        """[(example or None, its length in tokens before truncation)] for a batch of conversations."""
         rendered = [render_chatml(c, self.system_message) for c in conversations]
         batch = self.tokenizer(
             [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True, verbose=False
@@ -458,7 +495,7 @@ class ChatEncoder:
             n = self.model_max_length
             input_ids, labels = labels_from_offsets(ids[:n], offsets[:n], spans)
             trained = bool((labels != IGNORE_INDEX).any())
-            examples.append({"input_ids": input_ids, "labels": labels} if trained else None)
+            examples.append(({"input_ids": input_ids, "labels": labels} if trained else None, len(ids)))
         return examples
 
     def surely_keeps_a_trained_token(self, conversation):
@@ -484,18 +521,20 @@ class SupervisedDataset(Dataset):
 
     def __init__(self, path, encoder, batch_size=1000):
         self.examples, self.dropped = [], Counter()
+        self.full_lengths = array("i")  # every sample's length before truncation, dropped ones included
         batch = []
         for where, sample, _ in iter_raw_samples(path):
             batch.append(encoder.parse(sample, where))
             if len(batch) == batch_size:
-                self._add(encoder.encode(batch))
+                self._add(encoder.encode_with_lengths(batch))
                 batch = []
-        self._add(encoder.encode(batch) if batch else [])
+        self._add(encoder.encode_with_lengths(batch) if batch else [])
         if not self.examples and not self.dropped:
             raise DataError(f"{path}: holds no samples")
 
     def _add(self, encoded):
-        for example in encoded:
+        for example, full_length in encoded:
+            self.full_lengths.append(full_length)
             if example is None:
                 self.dropped[DROP_REASON_TRUNCATED] += 1
             else:
@@ -566,6 +605,25 @@ def make_dataset(path, encoder, lazy):
     return dataset
 
 
+class ExampleSubset(torch.utils.data.Subset):
+    """Part of a dataset (the --val_size split) that keeps the lengths --group_by_length needs."""
+
+    @property
+    def lengths(self):
+        lengths = self.dataset.lengths
+        return [lengths[i] for i in self.indices]
+
+
+def split_off_validation(dataset, val_size, seed):
+    """(train, validation): a held-out fraction or number of samples, the same for the same --seed."""
+    count = int(round(val_size * len(dataset))) if val_size < 1 else int(val_size)
+    if not 0 < count < len(dataset):
+        raise UserError(f"--val_size {val_size} leaves no training or no validation sample out of {len(dataset)}")
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    log.info(f"holding out {count} of {len(dataset)} training samples for evaluation (--val_size {val_size})")
+    return ExampleSubset(dataset, sorted(order[count:].tolist())), ExampleSubset(dataset, sorted(order[:count].tolist()))
+
+
 @dataclass
 class PadToLongestCollator:
     """Pads a batch to its own longest sample, never to model_max_length."""
@@ -627,6 +685,23 @@ def describe_dataset(dataset):
     return "\n".join(lines)
 
 
+def length_histogram(lengths, model_max_length, rows=8, width=40):
+    """Sample lengths (before truncation) in the terminal, with what --model_max_length cuts marked."""
+    lengths = np.asarray(lengths)
+    step = max(1, -(-model_max_length // rows))  # ceil
+    edges = [(i * step, min((i + 1) * step, model_max_length)) for i in range(rows)]
+    counts = [int(((lengths > lo) & (lengths <= hi)).sum()) for lo, hi in edges]
+    labels = [f"{lo + 1:>6}-{hi:<6}" for lo, hi in edges]
+    counts.append(int((lengths > model_max_length).sum()))
+    labels.append(f"> {model_max_length:<11}")
+    scale = width / max(max(counts), 1)
+    lines = [f"sample lengths in tokens (before truncation), --model_max_length {model_max_length}:"]
+    for label, count in zip(labels, counts):
+        lines.append(f"  {label} {'#' * int(round(count * scale)):<{width}} {count}")
+    lines[-1] += "  <- cut to model_max_length" if counts[-1] else ""
+    return "\n".join(lines)
+
+
 def show_trained_spans(example, tokenizer):
     """The example's text with every trained run of tokens between ⟦ and ⟧."""
     pieces, run, run_trained = [], [], None
@@ -652,6 +727,7 @@ def preview(dataset, tokenizer, output_dir):
     dump_path = os.path.join(output_dir, "tokenized_train.jsonl")
     write_tokenized(dataset, dump_path)
     print(describe_dataset(dataset))
+    print("\n" + length_histogram(dataset.full_lengths, tokenizer.model_max_length))
     if len(dataset):
         print(f"\nfirst sample; trained tokens are between {TRAINED_OPEN} and {TRAINED_CLOSE}:\n")
         print(show_trained_spans(dataset[0], tokenizer))
@@ -775,6 +851,72 @@ class ChunkedCausalLMLoss:
         return F.cross_entropy(self.lm_head(hidden_states).float(), next_tokens, reduction="sum")
 
 
+class StopOnSignal(transformers.TrainerCallback):
+    """SIGTERM (what a cluster sends before it preempts a job) or Ctrl-C: finish the step, write a checkpoint and
+    stop, so that repeating the command resumes there. A second signal ends the process at once."""
+
+    def __init__(self):
+        self.signal_name, self._previous = None, {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._note)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _note(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._any_rank_signalled(args):
+            control.should_save = True
+            control.should_training_stop = True
+
+    def _any_rank_signalled(self, args):
+        """Every rank must stop at the same step, or the others would wait for it forever."""
+        stop = self.signal_name is not None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([float(stop)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+            self.signal_name = self.signal_name or ("SIGTERM" if stop else None)
+        return stop
+
+
+def plot_training_curves(log_history, path):
+    """Train and eval loss, and the learning rate, against the step, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        return [(entry["step"], entry[key]) for entry in log_history if key in entry]
+
+    figure, (loss_axes, lr_axes) = plt.subplots(2, 1, sharex=True, figsize=(8, 6), height_ratios=[3, 1])
+    for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
+        points = series(key)
+        if points:
+            loss_axes.plot(*zip(*points), marker="o" if key == "eval_loss" else None, markersize=3, label=label)
+    loss_axes.set_ylabel("loss")
+    loss_axes.legend()
+    loss_axes.grid(alpha=0.3)
+    if series("learning_rate"):
+        lr_axes.plot(*zip(*series("learning_rate")), color="tab:green")
+    lr_axes.set_ylabel("learning rate")
+    lr_axes.set_xlabel("step")
+    lr_axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 class FinetuneTrainer(transformers.Trainer):
     """The Hugging Face Trainer, plus: the chunked loss, length grouping from the dataset's own lengths,
     tokens/s per device in the logs, and one save for checkpoints and the final result."""
@@ -861,6 +1003,8 @@ def train(argv=None):
     eval_dataset = None
     if data_args.eval_data_path:
         eval_dataset = make_dataset(data_args.eval_data_path, encoder, data_args.lazy_preprocess)
+    elif data_args.val_size:
+        train_dataset, eval_dataset = split_off_validation(train_dataset, data_args.val_size, training_args.seed)
 
     transformers.set_seed(training_args.seed)  # before the adapter's random init, so that --seed repeats a run
     model = load_model(model_args, training_args, lora_args)
@@ -872,9 +1016,18 @@ def train(argv=None):
         data_collator=make_collator(tokenizer, training_args.packing),
         processing_class=tokenizer,
     )
+    stop_on_signal = StopOnSignal()
+    trainer.add_callback(stop_on_signal)
     if resume_from:
         log.info(f"resuming from {resume_from}")
+    elif training_args.overwrite_output_dir:
+        remove_checkpoints(training_args.output_dir)
     trainer.train(resume_from_checkpoint=resume_from)
+    if stop_on_signal.signal_name:
+        checkpoint_dir = os.path.join(training_args.output_dir, f"checkpoint-{trainer.state.global_step}")
+        log.warning(f"stopped by {stop_on_signal.signal_name} at step {trainer.state.global_step}; the checkpoint "
+                    f"is {checkpoint_dir}; run the same command again to resume from it")
+        sys.exit(128 + getattr(signal, stop_on_signal.signal_name))
     if eval_dataset is not None and training_args.eval_strategy == "no":
         # Eval data without an eval schedule: evaluate once, at the end.
         trainer.log_metrics("eval", trainer.evaluate())
@@ -882,6 +1035,19 @@ def train(argv=None):
     trainer.save_model(training_args.output_dir)  # every rank: ZeRO-3 gathers across them
     kind = "LoRA adapter" if lora_args.use_lora else "model"
     log.info(f"saved the {kind} and the tokenizer to {training_args.output_dir}")
+    if trainer.args.should_save:
+        curves = os.path.join(training_args.output_dir, "training_curves.png")
+        plot_training_curves(trainer.state.log_history, curves)
+        log.info(f"loss and learning-rate curves: {curves}")
+
+
+def remove_checkpoints(output_dir):
+    """--overwrite_output_dir: old checkpoints would otherwise be resumed from, or rotated in, later."""
+    if is_main_process() and os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            if name.startswith("checkpoint-"):
+                shutil.rmtree(os.path.join(output_dir, name))
+                log.info(f"--overwrite_output_dir: removed {name}")
 
 
 def main(argv=None):

@@ -77,6 +77,8 @@ def test_full_finetune_of_qwen3_with_packing_writes_a_model_that_reloads_with_tr
     summary = next(entry for entry in log_history(out) if "train_runtime" in entry)
     assert summary["trained_tokens_per_second_per_device"] > 0
     assert "trained_tokens_per_second_per_device" in result.stdout + result.stderr  # users see it in the logs
+    with open(os.path.join(out, "training_curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
     assert os.path.exists(os.path.join(out, "model.safetensors"))
     assert not os.path.exists(os.path.join(out, "adapter_config.json"))
@@ -87,12 +89,14 @@ def test_full_finetune_of_qwen3_with_packing_writes_a_model_that_reloads_with_tr
     assert transformers.AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<|im_end|>") == 151645
 
 
-def test_finetune_lora_sh_with_default_data_and_length_grouping_writes_an_adapter_that_changes_outputs(tiny_qwen2, tmp_path):
+def test_finetune_lora_sh_with_default_data_grouping_and_val_size_writes_an_adapter_that_changes_outputs(tiny_qwen2, tmp_path):
     out = str(tmp_path / "lora")
     result = run_cli(["bash", "finetune_lora.sh", "-m", tiny_qwen2, "-o", out, "--max_steps", "10",
                       "--learning_rate", "1e-2", "--save_strategy", "no", "--group_by_length", "true",
-                      *LORA, *SHORT_RUN])
+                      "--val_size", "0.25", *LORA, *SHORT_RUN])
     assert_success(result)
+    assert "holding out 2 of 8 training samples" in result.stderr
+    assert any("eval_loss" in entry for entry in log_history(out))
     assert f"--data_path {DATA}" in result.stdout  # the launcher prints what it runs; DATA defaults to the example
     assert "trainable parameters:" in result.stderr + result.stdout
     assert_loss_falls(out)
@@ -149,6 +153,7 @@ def test_preprocess_only_loads_no_model_and_dumps_exactly_the_label_rule(tmp_pat
     assert_success(result)
     assert "samples kept: 2" in result.stdout and "1 with no trained token within --model_max_length" in result.stdout
     assert "⟦Il est midi. ⏰<|im_end|>⟧" in result.stdout
+    assert "> 256" in result.stdout and "1  <- cut to model_max_length" in result.stdout  # the length histogram
     with open(os.path.join(out, "tokenized_train.jsonl")) as f:
         dumped = [json.loads(line) for line in f]
     tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())

@@ -88,9 +88,10 @@ def test_qlora_loads_the_base_in_4bit_nf4_with_double_quantization(tiny_qwen2, t
 
 def test_resume_true_takes_the_newest_checkpoint(tmp_path):
     args = training_args(tmp_path, resume_from_checkpoint="true")
-    with pytest.raises(finetune.UserError, match="no checkpoint-\\* folder"):
+    with pytest.raises(finetune.UserError, match="no complete checkpoint-\\* folder"):
         finetune.resolve_resume_checkpoint(args)
     for step in (5, 10):
         os.makedirs(tmp_path / "out" / f"checkpoint-{step}")
+        (tmp_path / "out" / f"checkpoint-{step}" / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
     assert finetune.resolve_resume_checkpoint(args) == str(tmp_path / "out" / "checkpoint-10")
     assert finetune.resolve_resume_checkpoint(training_args(tmp_path, resume_from_checkpoint="false")) is None

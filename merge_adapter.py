@@ -1,0 +1,52 @@
+"""Merge a LoRA or QLoRA adapter written by finetune.py into its base model: one standalone model to serve.
+
+    python merge_adapter.py --adapter output_lora --output merged [--base MODEL] [--dtype bf16|fp16|fp32]
+
+The base model is loaded in 16 or 32 bits (a QLoRA adapter too: it merges into the full-precision base, not into
+4-bit weights), the adapter is folded into its weights, and the output folder gets the model in safetensors with
+the tokenizer and chat template saved beside the adapter. By default the base is the one the adapter names.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import transformers
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def merge(adapter_dir, output_dir, base=None, dtype="bf16", trust_remote_code=False):
+    import peft
+
+    config_path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(config_path):
+        raise SystemExit(f"error: {adapter_dir}: no adapter_config.json (is it a LoRA output folder?)")
+    with open(config_path) as f:
+        base = base or json.load(f)["base_model_name_or_path"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype],
+                                                              trust_remote_code=trust_remote_code)
+    merged = peft.PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged.config.use_cache = True
+    merged.save_pretrained(output_dir)
+    tokenizer_source = adapter_dir if os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json")) else base
+    transformers.AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code).save_pretrained(
+        output_dir)
+    return output_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adapter", required=True, help="folder written by a LoRA or QLoRA run")
+    parser.add_argument("--output", required=True, help="folder for the merged model")
+    parser.add_argument("--base", help="base model (default: the one recorded in the adapter's config)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="precision of the merged model")
+    parser.add_argument("--trust_remote_code", action="store_true")
+    args = parser.parse_args(argv)
+    merge(args.adapter, args.output, args.base, args.dtype, args.trust_remote_code)
+    print(f"merged {args.adapter} into {args.base or 'its base model'}: {args.output} ({args.dtype})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
