@@ -11,15 +11,13 @@ import json
 import math
 import os
 import random
-import resource
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
-from throughput import WORDS, peak_rss_mb  # noqa: E402
+from throughput import WORDS, peak_rss_mb, result_of  # noqa: E402
 
 
 def write_data(path, samples, median_tokens, seed=0):
@@ -52,12 +50,7 @@ def measure(kind, path):
 
 
 def run_child(kind, path):
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, "--path", path], capture_output=True, text=True,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "true"})
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+    return result_of([sys.executable, __file__, "--child", kind, "--path", path], TOKENIZERS_PARALLELISM="true")
 
 
 def main():

@@ -1,6 +1,6 @@
 """Throughput of the ways to batch and score SFT data, side by side in one run, on the CPU.
 
-    python benchmarks/throughput.py [--samples 24] [--workdir /tmp/qwen-finetune-bench]
+    python benchmarks/throughput.py [--samples 12] [--modes abcdef] [--workdir /tmp/qwen-finetune-bench]
 
 One random-weight Qwen2 model (hidden 256, 4 layers, the real 151,680-entry vocabulary: ~42M parameters) and one
 synthetic data set (token lengths log-normal, median ~300, capped at 2048; 40% prompt, 60% answer) are built once;
@@ -186,19 +186,23 @@ def child(args):
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(what, workdir):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, __file__, "--child", what, "--workdir", workdir],
-                          capture_output=True, text=True, env=env)
+def result_of(command, **env):
+    """Run one measurement in a fresh process; its 'RESULT {json}' line, or the last line of its error."""
+    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
     return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
 
 
+def run_child(what, workdir):
+    return result_of([sys.executable, __file__, "--child", what, "--workdir", workdir],
+                     HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=24)
+    parser.add_argument("--samples", type=int, default=12)
     parser.add_argument("--workdir", default="/tmp/qwen-finetune-bench")
     parser.add_argument("--modes", default="abcdef")
     parser.add_argument("--child", help=argparse.SUPPRESS)

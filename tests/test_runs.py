@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 import transformers
-from conftest import CHILD_ENV, ROOT, log_history, run_finetune
+from conftest import CHILD_ENV, ROOT, run_finetune
 from safetensors.torch import load_file
 from test_e2e import DATA, assert_success, logits_of
 from test_model import lora_args, training_args
