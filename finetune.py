@@ -24,6 +24,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -113,7 +114,7 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start afresh: ignore the checkpoints in output_dir (a rerun otherwise resumes from them)."},
+        metadata={"help": "Start afresh: remove the checkpoints in output_dir (a rerun otherwise resumes from them)."},
     )
     packing: bool = field(
         default=False,
@@ -291,7 +292,7 @@ def uses_zero3():
 
 
 def check_distributed_setup(training_args, lora_args):
-    """Stop at start-up, in one line, on a combination that cannot work; finish DeepSpeed's set-up on the CPU."""
+    """Stop at start-up, in one line, on a combination that cannot work or ranks that did not find each other."""
     if lora_args.q_lora and uses_zero3():
         raise UserError("--q_lora cannot be combined with ZeRO-3 here; use ds_config_zero2.json (or no --deepspeed)")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -1052,6 +1053,8 @@ def remove_checkpoints(output_dir):
 
 def main(argv=None):
     logging.basicConfig(format="[%(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # peft still calls transformers' old name for activation checkpointing; users can do nothing about it.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     log.setLevel(logging.INFO if is_main_process() else logging.WARNING)
     try:
         train(argv)
