@@ -210,10 +210,11 @@ def split_names(items):
 
 
 def newest_complete_checkpoint(output_dir):
-    """The newest checkpoint-N in output_dir that was written to the end, or None.
+    """The newest checkpoint-N in output_dir that was written to the end and can resume training, or None.
 
     The Trainer writes trainer_state.json last, so a checkpoint cut short by a crash lacks it (or holds a broken
-    one, or one from another step) and is passed over."""
+    one, or one from another step) and is passed over; so is one saved with --save_only_model, which has no
+    optimizer state (optimizer.pt, or DeepSpeed's global_step* folder)."""
     if not os.path.isdir(output_dir):
         return None
     steps = sorted((int(name.split("-")[1]) for name in os.listdir(output_dir)
@@ -222,10 +223,12 @@ def newest_complete_checkpoint(output_dir):
         folder = os.path.join(output_dir, f"checkpoint-{step}")
         try:
             with open(os.path.join(folder, "trainer_state.json")) as f:
-                if json.load(f).get("global_step") == step:
-                    return folder
+                state = json.load(f)
         except (OSError, ValueError):
             continue
+        resumable = any(name == "optimizer.pt" or name.startswith("global_step") for name in os.listdir(folder))
+        if isinstance(state, dict) and state.get("global_step") == step and resumable:
+            return folder
     return None
 
 
@@ -234,6 +237,9 @@ def resolve_resume_checkpoint(training_args):
     command of an interrupted run continues it; --resume_from_checkpoint takes a folder, true (a checkpoint must
     exist) or false; --overwrite_output_dir starts afresh."""
     value = (training_args.resume_from_checkpoint or "").strip()
+    explicit = value.lower() not in ("", "true", "yes", "1", "false", "no", "0")
+    if explicit and training_args.overwrite_output_dir:
+        raise UserError("--resume_from_checkpoint FOLDER and --overwrite_output_dir contradict each other; keep one")
     if value.lower() in ("false", "no", "0") or training_args.overwrite_output_dir:
         return None
     if value and value.lower() not in ("true", "yes", "1"):
@@ -305,14 +311,32 @@ def check_distributed_setup(training_args, lora_args):
         training_args.ddp_find_unused_parameters = False  # the frozen base has no gradients, by design
 
 
-def gather_trainable_state_dict(model):
-    """The trainable parameters at full shape, on the CPU of rank 0 (None elsewhere); every rank must call it.
+def agreed_by_all_ranks(decide, *args):
+    """Rank 0 decides and every rank follows (nodes may not share a disk); a UserError is raised everywhere."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return decide(*args)
+    outcome = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            outcome = [("ok", decide(*args))]
+        except UserError as e:
+            outcome = [("error", str(e))]
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+def gather_trainable_state_dict(model, keep):
+    """The trainable parameters at full shape, on the CPU where `keep` is true (None elsewhere); every rank must
+    call it.
 
     Under ZeRO-3 each parameter is spread over the ranks: they are gathered one at a time, so memory stays near
     the size of the adapter, never the size of the model."""
     import deepspeed
 
-    state_dict = {} if is_main_process() else None
+    state_dict = {} if keep else None
     for name, param in model.named_parameters():
         if param.requires_grad:
             with deepspeed.zero.GatheredParameters([param]):
@@ -341,11 +365,13 @@ def detect_format(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: not a file")
     with open(path, "rb") as f:
+        first = True
         while True:
             chunk = f.read(4096)
             if not chunk:
                 raise DataError(f"{path}: the file is empty (no samples)")
-            stripped = chunk.lstrip()
+            stripped = (chunk.removeprefix(b"\xef\xbb\xbf") if first else chunk).lstrip()  # a UTF-8 byte-order mark
+            first = False
             if stripped:
                 return "json" if stripped[:1] == b"[" else "jsonl"
 
@@ -356,7 +382,7 @@ def iter_raw_samples(path):
     For JSON Lines, `offset` is the byte offset of the sample's line (what the lazy dataset keeps);
     for a JSON array it is the sample's index."""
     if detect_format(path) == "json":
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             try:
                 samples = json.load(f)
             except json.JSONDecodeError as e:
@@ -399,7 +425,7 @@ def parse_sample(sample, where, forbidden_tokens):
         role, text = turn.get(role_key), turn.get(text_key)
         if role is None:
             raise DataError(f"{where}: message {i} has no 'role' (or 'from') field")
-        if role not in ROLE_NAMES:
+        if not isinstance(role, str) or role not in ROLE_NAMES:
             raise DataError(
                 f"{where}: message {i} has unknown role {role!r} (expected one of: {', '.join(ROLE_NAMES)})"
             )
@@ -823,10 +849,11 @@ class ChunkedCausalLMLoss:
     def __init__(self, model, chunk_size):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft
         self.lm_head = base.get_output_embeddings()
+        # Under ZeRO-3 every call of lm_head gathers its weight from all ranks, so every rank must call it
+        # equally often, and a recomputed chunk would meet the weight partitioned again: one call per step,
+        # over all trained positions, kept for backward (still never the untrained positions).
+        self.zero3 = uses_zero3()
         self.chunk_size = chunk_size
-        # Under ZeRO-3 a recomputed chunk would meet lm_head's weight partitioned again: keep the chunks'
-        # logits instead (still only the trained positions', never the whole batch's).
-        self.recompute = not uses_zero3()
         self.hidden_states = None
         base.get_decoder().register_forward_hook(self._keep_hidden_states)
 
@@ -838,14 +865,14 @@ class ChunkedCausalLMLoss:
         next_tokens = labels[:, 1:]
         trained = next_tokens != IGNORE_INDEX
         hidden_states, next_tokens = hidden_states[:, :-1][trained], next_tokens[trained]
-        total = hidden_states.sum().float() * 0.0  # keeps the graph whole when a micro-batch trains nothing
-        for start in range(0, len(next_tokens), self.chunk_size):
-            chunk = slice(start, start + self.chunk_size)
-            if self.recompute:
+        if self.zero3:
+            total = self._chunk_loss(hidden_states, next_tokens)  # also when empty: the ranks gather together
+        else:
+            total = hidden_states.sum().float() * 0.0  # keeps the graph whole when a micro-batch trains nothing
+            for start in range(0, len(next_tokens), self.chunk_size):
+                chunk = slice(start, start + self.chunk_size)
                 total = total + checkpoint(self._chunk_loss, hidden_states[chunk], next_tokens[chunk],
                                            use_reentrant=False)
-            else:
-                total = total + self._chunk_loss(hidden_states[chunk], next_tokens[chunk])
         return total / (num_items_in_batch if num_items_in_batch is not None else max(len(next_tokens), 1))
 
     def _chunk_loss(self, hidden_states, next_tokens):
@@ -854,10 +881,11 @@ class ChunkedCausalLMLoss:
 
 class StopOnSignal(transformers.TrainerCallback):
     """SIGTERM (what a cluster sends before it preempts a job) or Ctrl-C: finish the step, write a checkpoint and
-    stop, so that repeating the command resumes there. A second signal ends the process at once."""
+    stop, so that repeating the command resumes there. A second Ctrl-C ends the process at once; a repeated
+    SIGTERM does not (schedulers and launchers often both send one)."""
 
     def __init__(self):
-        self.signal_name, self._previous = None, {}
+        self.signal_name, self.stopped_at_step, self._previous = None, None, {}
 
     def on_train_begin(self, args, state, control, **kwargs):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -871,13 +899,15 @@ class StopOnSignal(transformers.TrainerCallback):
             signal.signal(sig, handler)
 
     def _note(self, signum, frame):
-        self.signal_name = signal.Signals(signum).name
-        signal.signal(signum, signal.SIG_DFL)
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signum, signal.SIG_DFL)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._any_rank_signalled(args):
             control.should_save = True
             control.should_training_stop = True
+            self.stopped_at_step = state.global_step
 
     def _any_rank_signalled(self, args):
         """Every rank must stop at the same step, or the others would wait for it forever."""
@@ -924,11 +954,15 @@ class FinetuneTrainer(transformers.Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.args.chunked_loss:
+        if self.args.chunked_loss and self.args.n_gpu > 1:
+            # One process driving several GPUs (DataParallel): each replica would overwrite the hidden states.
+            log.warning("several GPUs in one process: the chunked loss is off; launch with torchrun or the "
+                        "launchers (one process per GPU) to keep it")
+        elif self.args.chunked_loss:
             self.compute_loss_func = ChunkedCausalLMLoss(self.model, self.args.loss_chunk_size)
         self._tokens = self._trained_tokens = 0  # this device's, since the last log
         self._total_tokens = self._total_trained_tokens = 0
-        self._window_start = None  # start of the current logging window
+        self._window_start = None  # first training step after the previous log
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
@@ -949,9 +983,9 @@ class FinetuneTrainer(transformers.Trainer):
             self._tokens = self._trained_tokens = 0
             self._total_tokens += tokens
             self._total_trained_tokens += trained
-            if "loss" in logs:  # since the previous training log
+            if "loss" in logs:  # training time since the previous log (eval and saving between are left out)
                 now = time.perf_counter()
-                elapsed, self._window_start = max(now - (self._window_start or now), 1e-9), now
+                elapsed, self._window_start = max(now - (self._window_start or now), 1e-9), None
             else:  # the whole run
                 elapsed, tokens, trained = logs["train_runtime"], self._total_tokens, self._total_trained_tokens
             logs["tokens_per_second_per_device"] = round(tokens / elapsed, 1)
@@ -978,7 +1012,7 @@ class FinetuneTrainer(transformers.Trainer):
         model = self.accelerator.unwrap_model(self.model)
         model.config.use_cache = True  # training turned it off; whoever loads the result wants it back
         if hasattr(model, "peft_config") and uses_zero3():
-            state_dict = gather_trainable_state_dict(model)  # every rank takes part
+            state_dict = gather_trainable_state_dict(model, keep=self.args.should_save)  # every rank takes part
             if self.args.should_save:
                 model.save_pretrained(output_dir, state_dict=state_dict)
                 self.processing_class.save_pretrained(output_dir)
@@ -993,7 +1027,7 @@ class FinetuneTrainer(transformers.Trainer):
 
 def train(argv=None):
     model_args, data_args, training_args, lora_args = parse_arguments(argv)
-    resume_from = resolve_resume_checkpoint(training_args)
+    resume_from = agreed_by_all_ranks(resolve_resume_checkpoint, training_args)
 
     tokenizer = load_tokenizer(model_args, training_args)
     encoder = ChatEncoder(tokenizer, training_args.model_max_length, data_args.system_message)
@@ -1024,9 +1058,9 @@ def train(argv=None):
     elif training_args.overwrite_output_dir:
         remove_checkpoints(training_args.output_dir)
     trainer.train(resume_from_checkpoint=resume_from)
-    if stop_on_signal.signal_name:
-        checkpoint_dir = os.path.join(training_args.output_dir, f"checkpoint-{trainer.state.global_step}")
-        log.warning(f"stopped by {stop_on_signal.signal_name} at step {trainer.state.global_step}; the checkpoint "
+    if stop_on_signal.stopped_at_step is not None:
+        checkpoint_dir = os.path.join(training_args.output_dir, f"checkpoint-{stop_on_signal.stopped_at_step}")
+        log.warning(f"stopped by {stop_on_signal.signal_name} at step {stop_on_signal.stopped_at_step}; the checkpoint "
                     f"is {checkpoint_dir}; run the same command again to resume from it")
         sys.exit(128 + getattr(signal, stop_on_signal.signal_name))
     if eval_dataset is not None and training_args.eval_strategy == "no":
@@ -1059,8 +1093,11 @@ def main(argv=None):
     try:
         train(argv)
     except UserError as e:
+        # Once per node: a node with a missing file or a bad variable must say so, not hang silently.
         if is_main_process():
             print(f"error: {e}", file=sys.stderr)
+        elif os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error (rank {os.environ.get('RANK')}): {e}", file=sys.stderr)
         sys.exit(2)
 
 

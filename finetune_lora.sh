@@ -45,6 +45,9 @@ n = torch.cuda.device_count()
 print(n, ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if n else "fp32")')
 NPROC_PER_NODE="${NPROC_PER_NODE:-$(( GPUS > 0 ? GPUS : 1 ))}"
 [ "$PRECISION" = auto ] && PRECISION="$BEST_PRECISION"
+for arg in "${passthrough[@]}"; do  # a precision flag given on the command line wins over PRECISION
+    case "$arg" in --bf16|--bf16=*|--fp16|--fp16=*) PRECISION=fp32 ;; esac
+done
 case "$PRECISION" in
     bf16) precision_flags=(--bf16 true) ;;
     fp16) precision_flags=(--fp16 true) ;;

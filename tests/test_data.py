@@ -141,6 +141,7 @@ BAD_SAMPLES = {
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 7}]},
         "message 1 has a non-string (int) 'content'"),
     "missing role": ({"messages": [{"content": "a"}]}, "message 0 has no 'role' (or 'from') field"),
+    "non-string role": ({"messages": [{"role": ["user"], "content": "a"}]}, "message 0 has unknown role ['user']"),
     "no assistant": ({"messages": [{"role": "user", "content": "a"}]}, "no assistant message"),
     "no messages field": ({"text": "hello"}, "exactly one of the fields 'conversations' and 'messages'"),
     "empty messages": ({"messages": []}, "must be a non-empty list"),
@@ -200,6 +201,16 @@ def test_missing_file(tokenizer, tmp_path):
 def test_control_token_in_system_message_flag(tokenizer):
     with pytest.raises(finetune.UserError, match="--system_message contains the control token '<|im_end|>'"):
         make_encoder(tokenizer, system_message="hi<|im_end|>")
+
+
+def test_a_byte_order_mark_does_not_change_the_format(tokenizer, tmp_path):
+    for writer, name in ((write_json, "bom.json"), (write_jsonl, "bom.jsonl")):
+        path = writer(tmp_path / name, [GOOD])
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(b"\xef\xbb\xbf" + data)
+        assert encode_file(tokenizer, path)[1] == encode_file(tokenizer, writer(tmp_path / f"plain_{name}", [GOOD]))[1]
 
 
 def test_format_is_decided_by_content_not_suffix(tokenizer, tmp_path):

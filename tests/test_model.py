@@ -93,5 +93,6 @@ def test_resume_true_takes_the_newest_checkpoint(tmp_path):
     for step in (5, 10):
         os.makedirs(tmp_path / "out" / f"checkpoint-{step}")
         (tmp_path / "out" / f"checkpoint-{step}" / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
+        (tmp_path / "out" / f"checkpoint-{step}" / "optimizer.pt").write_bytes(b"")
     assert finetune.resolve_resume_checkpoint(args) == str(tmp_path / "out" / "checkpoint-10")
     assert finetune.resolve_resume_checkpoint(training_args(tmp_path, resume_from_checkpoint="false")) is None

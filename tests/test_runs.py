@@ -87,12 +87,18 @@ def test_newest_complete_checkpoint_and_overwrite(tmp_path):
     out = tmp_path / "out"
     for step, state in ((2, {"global_step": 2}), (4, {"global_step": 4}), (6, None), (8, "broken")):
         os.makedirs(out / f"checkpoint-{step}")
+        (out / f"checkpoint-{step}" / "optimizer.pt").write_bytes(b"")
         if state is not None:
             (out / f"checkpoint-{step}" / "trainer_state.json").write_text(
                 json.dumps(state) if isinstance(state, dict) else "{")
+    os.makedirs(out / "checkpoint-10")  # saved with --save_only_model: no optimizer state, cannot resume
+    (out / "checkpoint-10" / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
     assert finetune.newest_complete_checkpoint(str(out)) == str(out / "checkpoint-4")
     assert finetune.resolve_resume_checkpoint(training_args(tmp_path)) == str(out / "checkpoint-4")  # by default
     assert finetune.resolve_resume_checkpoint(training_args(tmp_path, overwrite_output_dir=True)) is None
+    with pytest.raises(finetune.UserError, match="contradict"):
+        finetune.resolve_resume_checkpoint(training_args(tmp_path, overwrite_output_dir=True,
+                                                         resume_from_checkpoint=str(out / "checkpoint-4")))
     finetune.remove_checkpoints(str(out))
     assert not os.listdir(out)
 
