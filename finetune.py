@@ -311,9 +311,13 @@ def check_distributed_setup(training_args, lora_args):
         training_args.ddp_find_unused_parameters = False  # the frozen base has no gradients, by design
 
 
+def in_process_group():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def agreed_by_all_ranks(decide, *args):
     """Rank 0 decides and every rank follows (nodes may not share a disk); a UserError is raised everywhere."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not in_process_group():
         return decide(*args)
     outcome = [None]
     if torch.distributed.get_rank() == 0:
@@ -525,12 +529,11 @@ class ChatEncoder:
             examples.append(({"input_ids": input_ids, "labels": labels} if trained else None, len(ids)))
         return examples
 
-    def surely_keeps_a_trained_token(self, conversation):
-        """Cheap test, without tokenizing, that truncation cannot drop the sample.
+    def surely_keeps_a_trained_token(self, text, spans):
+        """Cheap test on the rendered sample, without tokenizing, that truncation cannot drop it.
 
         Every token covers at least one byte, so the <|im_end|> closing the first assistant turn (always trained)
         has an index no larger than the number of UTF-8 bytes before it."""
-        text, spans = render_chatml(conversation, self.system_message)
         first_trained_end = text[: spans[0][1] - len("<|im_end|>")]
         return len(first_trained_end.encode("utf-8")) < self.model_max_length
 
@@ -593,10 +596,10 @@ class LazySupervisedDataset(Dataset):
         self.lengths = array("i")  # rendered characters, capped at the token limit: an estimate for grouping
         for where, sample, location in iter_raw_samples(path):
             conversation = encoder.parse(sample, where)
-            if not encoder.surely_keeps_a_trained_token(conversation) and encoder.encode([conversation])[0] is None:
+            text, spans = render_chatml(conversation, encoder.system_message)
+            if not encoder.surely_keeps_a_trained_token(text, spans) and encoder.encode([conversation])[0] is None:
                 self.dropped[DROP_REASON_TRUNCATED] += 1
                 continue
-            text, _ = render_chatml(conversation, encoder.system_message)
             self.lengths.append(min(len(text), encoder.model_max_length))
             if self.samples is not None:
                 self.samples.append(sample)
@@ -700,7 +703,7 @@ TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 
 def describe_dataset(dataset):
     """A short report: samples kept and dropped, token counts, lengths."""
-    lengths = np.array([len(e["input_ids"]) for e in dataset.examples])
+    lengths = np.array(dataset.lengths)
     trained = sum(int((e["labels"] != IGNORE_INDEX).sum()) for e in dataset.examples)
     lines = [f"samples kept: {len(dataset)}", f"samples dropped: {sum(dataset.dropped.values())}"]
     lines += [f"  {count} with {reason}" for reason, count in dataset.dropped.items()]
@@ -912,7 +915,7 @@ class StopOnSignal(transformers.TrainerCallback):
     def _any_rank_signalled(self, args):
         """Every rank must stop at the same step, or the others would wait for it forever."""
         stop = self.signal_name is not None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if in_process_group():
             flag = torch.tensor([float(stop)], device=args.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             stop = bool(flag.item())

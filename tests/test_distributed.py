@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import socket
 
 import pytest
 import torch
@@ -16,17 +15,13 @@ from conftest import ROOT, log_history, run_cli
 from safetensors.torch import load_file
 from test_e2e import DATA, assert_success, base_model, logits_of, train_losses
 
+from finetune import free_port
+
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
 
 RUN = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--logging_steps", "1",
        "--seed", "0", "--save_strategy", "no"]
 LORA = ["--use_lora", "true", "--lora_r", "8", "--lora_alpha", "16"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args):
