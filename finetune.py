@@ -9,17 +9,20 @@ with or without `--deepspeed ds_config_zero2.json|ds_config_zero3.json`.
 The file reads top to bottom in the order a run happens:
   1. arguments      ModelArguments, DataArguments, TrainingArguments, LoraArguments
   2. distributed    the one place that knows about launchers, DDP and DeepSpeed ZeRO-3
-  3. data           read and check samples -> render ChatML -> token ids + labels -> datasets, collator
+  3. data           read and check samples -> render (the model's chat template or ChatML) -> token ids
+                    + labels -> datasets, collator
   4. preview        --preprocess_only: a report and a dump of exactly what would be trained
   5. model          full precision, LoRA or 4-bit QLoRA
   6. training       the Trainer with a loss that skips masked positions, throughput logs, a ZeRO-3-aware save
   7. main           the flow, and the one place where user errors become a one-line message
 
-Label rule: only what the assistant says is trained, plus the <|im_end|> that closes each assistant turn.
+Label rule: only what the assistant says is trained (its reasoning, content and tool calls), plus the
+<|im_end|> that closes each assistant turn; an empty <think></think> block is not trained.
 """
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -87,9 +90,16 @@ class DataArguments:
     lazy_preprocess: bool = field(
         default=False, metadata={"help": "Tokenize each sample when it is used instead of all up front."}
     )
-    system_message: str = field(
-        default="You are a helpful assistant.",
-        metadata={"help": "System turn for samples that bring none; an empty string means no system turn."},
+    template: Literal["auto", "chatml"] = field(
+        default="auto",
+        metadata={"help": "auto: render with the model's own chat template (Qwen3 thinking, tools, tool calls), "
+                  "what inference will use; chatml: plain <|im_start|>role ... <|im_end|> turns. auto falls back "
+                  "to chatml for a tokenizer without a chat template."},
+    )
+    system_message: Optional[str] = field(
+        default=None,
+        metadata={"help": "System turn for samples that bring none. Unset: 'You are a helpful assistant.' with "
+                  "--template chatml, the template's own default with auto. Empty: none (chatml)."},
     )
     preprocess_only: bool = field(
         default=False,
@@ -350,16 +360,39 @@ def gather_trainable_state_dict(model, keep):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Data: read -> check -> render ChatML -> tokenize -> labels
+# 3. Data: read -> check -> render (chat template or ChatML) -> tokenize -> labels
 # ----------------------------------------------------------------------------------------------------------
 
-ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."  # ChatML's system turn for samples without one
+ASSISTANT_HEADER, TURN_END = "<|im_start|>assistant\n", "<|im_end|>"
+EMPTY_THINKING = re.compile(r"<think>\s*</think>\n*")  # what the Qwen3 template writes for "no reasoning"
+# What each role name of either format becomes: ShareGPT's function_call is an assistant turn that calls tools,
+# its observation is a tool result, as in the OpenAI format.
+ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system",
+              "tool": "tool", "observation": "tool", "function_call": "assistant"}
+TOOL_FEATURES_HELP = "use --template auto (the model's own chat template) for tools, tool calls and reasoning"
 
 
 @dataclass
 class Conversation:
     system: Optional[str]  # None: the sample brings no system message (--system_message applies)
-    messages: list  # [(role, content)] with role in user / assistant / system
+    # OpenAI-style messages: {"role", "content"} and, on assistant messages, "reasoning_content" / "tool_calls"
+    messages: list
+    tools: Optional[list] = None  # function definitions, as {"type": "function", "function": {...}}
+    where: str = ""  # file and line or sample, for messages about it
+
+    def tool_or_reasoning_feature(self):
+        """Name of the first feature plain ChatML cannot render, or None."""
+        if self.tools:
+            return "'tools'"
+        for message in self.messages:
+            if message["role"] == "tool":
+                return "a tool message"
+            if message.get("tool_calls"):
+                return "tool calls"
+            if message.get("reasoning_content"):
+                return "'reasoning_content'"
+        return None
 
 
 def detect_format(path):
@@ -410,6 +443,13 @@ def parse_json_line(line, where):
         raise DataError(f"{where}: not valid JSON ({detail})") from None
 
 
+def parse_json_value(text, where):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
 def parse_sample(sample, where, forbidden_tokens):
     """Check one raw sample in either supported format and return it as a Conversation."""
     if not isinstance(sample, dict):
@@ -419,38 +459,103 @@ def parse_sample(sample, where, forbidden_tokens):
     turns = sample.get("conversations", sample.get("messages"))
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: 'conversations'/'messages' must be a non-empty list of messages")
-
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise DataError(f"{where}: message {i} is not a JSON object")
-        role_key = "role" if "role" in turn else "from"
-        text_key = "content" if "content" in turn else "value"
-        role, text = turn.get(role_key), turn.get(text_key)
-        if role is None:
-            raise DataError(f"{where}: message {i} has no 'role' (or 'from') field")
-        if not isinstance(role, str) or role not in ROLE_NAMES:
-            raise DataError(
-                f"{where}: message {i} has unknown role {role!r} (expected one of: {', '.join(ROLE_NAMES)})"
-            )
-        if not isinstance(text, str):
-            problem = "has no" if text is None else f"has a non-string ({type(text).__name__})"
-            raise DataError(f"{where}: message {i} {problem} 'content' (or 'value') field")
-        check_no_control_tokens(text, f"{where}: message {i}", forbidden_tokens)
-        messages.append((ROLE_NAMES[role], text))
+    messages = [parse_message(turn, f"{where}: message {i}", forbidden_tokens) for i, turn in enumerate(turns)]
 
     system = sample.get("system")
     if system is not None:
         if not isinstance(system, str):
             raise DataError(f"{where}: the 'system' field must be a string, got {type(system).__name__}")
         check_no_control_tokens(system, f"{where}: the 'system' field", forbidden_tokens)
-    if messages[0][0] == "system":
+    if messages[0]["role"] == "system":
         if system is not None:
             raise DataError(f"{where}: has both a 'system' field and a leading system message; keep one")
-        system = messages.pop(0)[1]
-    if not any(role == "assistant" for role, _ in messages):
+        system = messages.pop(0)["content"]
+    if not any(message["role"] == "assistant" for message in messages):
         raise DataError(f"{where}: no assistant message, so nothing to train on")
-    return Conversation(system=system, messages=messages)
+    return Conversation(system, messages, parse_tools(sample.get("tools"), where, forbidden_tokens), where)
+
+
+def parse_message(turn, where, forbidden_tokens):
+    """One message of either format as an OpenAI-style dict; `where` names the sample and the message."""
+    if not isinstance(turn, dict):
+        raise DataError(f"{where} is not a JSON object")
+    role_key = "role" if "role" in turn else "from"
+    text_key = "content" if "content" in turn else "value"
+    role, text = turn.get(role_key), turn.get(text_key)
+    if role is None:
+        raise DataError(f"{where} has no 'role' (or 'from') field")
+    if not isinstance(role, str) or role not in ROLE_NAMES:
+        raise DataError(f"{where} has unknown role {role!r} (expected one of: {', '.join(ROLE_NAMES)})")
+    message = {"role": ROLE_NAMES[role]}
+    if role == "function_call":  # ShareGPT: the value is the call, or a list of calls, as JSON
+        calls = parse_json_value(text, f"{where}: its function_call value") if isinstance(text, str) else text
+        message["content"], message["tool_calls"] = "", parse_tool_calls(
+            calls if isinstance(calls, list) else [calls], where, forbidden_tokens)
+        return message
+    for key in ("tool_calls", "reasoning_content"):
+        if turn.get(key) is not None and message["role"] != "assistant":
+            raise DataError(f"{where}: '{key}' belongs on assistant messages, not on a {role} message")
+    if turn.get("tool_calls") is not None:
+        message["tool_calls"] = parse_tool_calls(turn["tool_calls"], where, forbidden_tokens)
+        text = "" if text is None else text  # OpenAI: an assistant message that only calls tools has null content
+    if not isinstance(text, str):
+        if text is None:
+            problem = "has a null" if text_key in turn else "has no"
+        else:
+            problem = f"has a non-string ({type(text).__name__})"
+        raise DataError(f"{where} {problem} 'content' (or 'value') field")
+    check_no_control_tokens(text, where, forbidden_tokens)
+    message["content"] = text
+    reasoning = turn.get("reasoning_content")
+    if reasoning is not None:
+        if not isinstance(reasoning, str):
+            raise DataError(f"{where}: 'reasoning_content' must be a string, got {type(reasoning).__name__}")
+        check_no_control_tokens(reasoning, f"{where}: its 'reasoning_content'", forbidden_tokens)
+        message["reasoning_content"] = reasoning
+    return message
+
+
+def parse_tool_calls(calls, where, forbidden_tokens):
+    """Tool calls as {"type": "function", "function": {"name", "arguments"}}; arguments stay as given (an object,
+    or a string that must hold one)."""
+    if not isinstance(calls, list) or not calls:
+        raise DataError(f"{where}: 'tool_calls' must be a non-empty list of calls")
+    parsed = []
+    for j, call in enumerate(calls):
+        at = f"{where} tool call {j}"
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise DataError(f"{at} is not a JSON object with a 'name' (or a 'function' holding one)")
+        name, arguments = function.get("name"), function.get("arguments")
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(f"{at} has no function 'name'")
+        parsed_arguments = parse_json_value(arguments, f"{at} 'arguments'") if isinstance(arguments, str) else arguments
+        if not isinstance(parsed_arguments, dict):
+            got = "nothing" if parsed_arguments is None else type(parsed_arguments).__name__
+            raise DataError(f"{at}: 'arguments' must be a JSON object (or a string holding one), got {got}")
+        call = {"type": "function", "function": {"name": name, "arguments": arguments}}
+        check_no_control_tokens(json.dumps(call, ensure_ascii=False), at, forbidden_tokens)
+        parsed.append(call)
+    return parsed
+
+
+def parse_tools(tools, where, forbidden_tokens):
+    """The sample's function definitions, each as {"type": "function", "function": {...}} (the form inference
+    servers pass to the template); a bare definition, as ShareGPT files hold, is wrapped so."""
+    if isinstance(tools, str):  # ShareGPT files keep them as a JSON string
+        tools = parse_json_value(tools, f"{where}: 'tools'") if tools.strip() else None
+    if not tools:
+        return None
+    if not isinstance(tools, list):
+        raise DataError(f"{where}: 'tools' must be a list of function definitions, got {type(tools).__name__}")
+    parsed = []
+    for k, tool in enumerate(tools):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"].strip():
+            raise DataError(f"{where}: tool {k} in 'tools' has no function 'name'")
+        parsed.append(tool if "function" in tool else {"type": "function", "function": tool})
+    check_no_control_tokens(json.dumps(parsed, ensure_ascii=False), f"{where}: 'tools'", forbidden_tokens)
+    return parsed
 
 
 def check_no_control_tokens(text, where, forbidden_tokens):
@@ -462,7 +567,7 @@ def check_no_control_tokens(text, where, forbidden_tokens):
 
 def render_chatml(conversation, default_system):
     """ChatML text of a conversation and the character spans to train: each assistant content plus its <|im_end|>."""
-    turns = conversation.messages
+    turns = [(m["role"], m["content"]) for m in conversation.messages]
     if conversation.system is not None:  # the sample's own system message is a turn even when empty
         turns = [("system", conversation.system)] + turns
     elif default_system:
@@ -470,13 +575,75 @@ def render_chatml(conversation, default_system):
     pieces, trained_spans, length = [], [], 0
     for role, content in turns:
         header = f"<|im_start|>{role}\n"
-        turn = f"{header}{content}<|im_end|>\n"
+        turn = f"{header}{content}{TURN_END}\n"
         if role == "assistant":
             start = length + len(header)
-            trained_spans.append((start, start + len(content) + len("<|im_end|>")))
+            trained_spans.append((start, start + len(content) + len(TURN_END)))
         pieces.append(turn)
         length += len(turn)
     return "".join(pieces), trained_spans
+
+
+def render_with_chat_template(tokenizer, conversation, default_system):
+    """The model's own chat template (--template auto): the text equals apply_chat_template's for the sample."""
+    messages = conversation.messages
+    system = conversation.system if conversation.system is not None else default_system
+    if system is not None:
+        messages = [{"role": "system", "content": system}] + messages
+    try:
+        text = tokenizer.apply_chat_template(messages, tools=conversation.tools, tokenize=False)
+    except Exception as e:  # the template is the model's own code; whatever it raises concerns this sample
+        raise DataError(f"{conversation.where}: the chat template cannot render it: {type(e).__name__}: {e}") from None
+    return text, assistant_spans(text, conversation)
+
+
+def assistant_spans(text, conversation):
+    """The character spans to train in a template's rendering: each assistant turn from after its header through
+    its <|im_end|> (content, reasoning, tool calls), less an empty thinking block at its start.
+
+    Why the empty block is not trained: the Qwen3 template writes it into turns that have no reasoning, and at
+    inference with enable_thinking=False it is part of the prompt, never something the model writes."""
+    spans, position = [], 0
+    while (start := text.find(ASSISTANT_HEADER, position)) >= 0:
+        start += len(ASSISTANT_HEADER)
+        end = text.find(TURN_END, start)
+        if end < 0:
+            break
+        empty_thinking = EMPTY_THINKING.match(text, start)
+        spans.append((empty_thinking.end() if empty_thinking else start, end + len(TURN_END)))
+        position = end
+    expected = sum(message["role"] == "assistant" for message in conversation.messages)
+    if len(spans) != expected:
+        raise DataError(f"{conversation.where}: the chat template wrote {len(spans)} complete assistant turns for "
+                        f"{expected} assistant messages, so what to train is unclear; try --template chatml")
+    return spans
+
+
+def resolve_template(tokenizer, template):
+    """'auto' when the tokenizer has a ChatML-style chat template (every Qwen since 1.5), else 'chatml'."""
+    if template == "chatml":
+        return "chatml"
+    if not tokenizer.chat_template:
+        log.info("the tokenizer has no chat template: rendering plain ChatML (as --template chatml)")
+        return "chatml"
+    probe = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], tokenize=False)
+    if ASSISTANT_HEADER not in probe or TURN_END not in probe:
+        raise UserError("the tokenizer's chat template does not write ChatML turns (<|im_start|>assistant ... "
+                        "<|im_end|>), so the trained tokens cannot be found in it; use --template chatml")
+    return "auto"
+
+
+def quotes_string_arguments(tokenizer):
+    """Whether the template writes tool-call arguments given as a JSON string as a quoted string (Qwen2.5's does;
+    Qwen3's writes them as they are). Such arguments are then handed over parsed, as OpenAI-compatible servers do,
+    so that the model learns to call tools with a JSON object, never with a string holding one."""
+    call = {"type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    try:
+        return '{"x": 1}' not in tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template without tool calls: nothing to decide
+        return False
 
 
 def labels_from_offsets(input_ids, offsets, trained_spans):
@@ -494,7 +661,7 @@ def labels_from_offsets(input_ids, offsets, trained_spans):
 class ChatEncoder:
     """Turns Conversations into {input_ids, labels}: render once, tokenize the whole text at once, cut, label."""
 
-    def __init__(self, tokenizer, model_max_length, system_message):
+    def __init__(self, tokenizer, model_max_length, system_message=None, template="auto"):
         if not tokenizer.is_fast:
             raise UserError(
                 f"the tokenizer of this model ({type(tokenizer).__name__}) is not a fast tokenizer; exact labels "
@@ -502,13 +669,36 @@ class ChatEncoder:
             )
         self.tokenizer = tokenizer
         self.model_max_length = model_max_length
-        self.system_message = system_message
+        self.template = resolve_template(tokenizer, template)
+        self.arguments_as_objects = self.template == "auto" and quotes_string_arguments(tokenizer)
+        log.info("rendering conversations with " + (
+            "the model's own chat template (--template auto)" if self.template == "auto" else "plain ChatML"))
+        # ChatML gets a default system turn; the model's own template brings its own default (Qwen2.5: one,
+        # Qwen3: none) unless the user names a system message.
+        if self.template == "chatml":
+            self.system_message = DEFAULT_SYSTEM_MESSAGE if system_message is None else system_message
+        else:
+            self.system_message = system_message or None
         # Every special token is a control token: plain text spelling one would silently become it.
         self.forbidden_tokens = sorted(set(tokenizer.all_special_tokens))
-        check_no_control_tokens(system_message, "--system_message", self.forbidden_tokens)
+        check_no_control_tokens(self.system_message or "", "--system_message", self.forbidden_tokens)
 
     def parse(self, sample, where):
-        return parse_sample(sample, where, self.forbidden_tokens)
+        conversation = parse_sample(sample, where, self.forbidden_tokens)
+        if self.template == "chatml" and (feature := conversation.tool_or_reasoning_feature()):
+            raise DataError(f"{where}: has {feature}, which --template chatml cannot render; {TOOL_FEATURES_HELP}")
+        if self.arguments_as_objects:
+            for message in conversation.messages:
+                for call in message.get("tool_calls", ()):
+                    if isinstance(call["function"]["arguments"], str):
+                        call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+        return conversation
+
+    def render(self, conversation):
+        """(text, character spans to train)."""
+        if self.template == "chatml":
+            return render_chatml(conversation, self.system_message)
+        return render_with_chat_template(self.tokenizer, conversation, self.system_message)
 
     def encode(self, conversations):
         """Encode a batch into int32 arrays (4 bytes a token, not a Python int's 36); an entry is None when the
@@ -517,7 +707,7 @@ class ChatEncoder:
 
     def encode_with_lengths(self, conversations):
         """[(example or None, its length in tokens before truncation)] for a batch of conversations."""
-        rendered = [render_chatml(c, self.system_message) for c in conversations]
+        rendered = [self.render(c) for c in conversations]
         batch = self.tokenizer(
             [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True, verbose=False
         )
@@ -534,7 +724,7 @@ class ChatEncoder:
 
         Every token covers at least one byte, so the <|im_end|> closing the first assistant turn (always trained)
         has an index no larger than the number of UTF-8 bytes before it."""
-        first_trained_end = text[: spans[0][1] - len("<|im_end|>")]
+        first_trained_end = text[: spans[0][1] - len(TURN_END)]
         return len(first_trained_end.encode("utf-8")) < self.model_max_length
 
 
@@ -596,7 +786,7 @@ class LazySupervisedDataset(Dataset):
         self.lengths = array("i")  # rendered characters, capped at the token limit: an estimate for grouping
         for where, sample, location in iter_raw_samples(path):
             conversation = encoder.parse(sample, where)
-            text, spans = render_chatml(conversation, encoder.system_message)
+            text, spans = encoder.render(conversation)
             if not encoder.surely_keeps_a_trained_token(text, spans) and encoder.encode([conversation])[0] is None:
                 self.dropped[DROP_REASON_TRUNCATED] += 1
                 continue
@@ -1033,7 +1223,8 @@ def train(argv=None):
     resume_from = agreed_by_all_ranks(resolve_resume_checkpoint, training_args)
 
     tokenizer = load_tokenizer(model_args, training_args)
-    encoder = ChatEncoder(tokenizer, training_args.model_max_length, data_args.system_message)
+    encoder = ChatEncoder(tokenizer, training_args.model_max_length, data_args.system_message,
+                          data_args.template)
     if data_args.preprocess_only:
         preview(SupervisedDataset(data_args.data_path, encoder), tokenizer, training_args.output_dir)
         return

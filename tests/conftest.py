@@ -33,8 +33,8 @@ def tiny_qwen3(tmp_path_factory):
     return build_tiny_qwen(str(tmp_path_factory.mktemp("tiny_qwen3")), "qwen3")
 
 
-def make_encoder(tokenizer, model_max_length=8192, system_message="You are a helpful assistant."):
-    return finetune.ChatEncoder(tokenizer, model_max_length, system_message)
+def make_encoder(tokenizer, model_max_length=8192, system_message="You are a helpful assistant.", template="chatml"):
+    return finetune.ChatEncoder(tokenizer, model_max_length, system_message, template)
 
 
 def write_jsonl(path, samples):

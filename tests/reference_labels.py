@@ -1,7 +1,8 @@
 """An implementation of the label rule independent of finetune.py, for the tests to check it against.
 
-It renders with `apply_chat_template` and a Qwen2.5-style ChatML template written here, and finds where each token
-starts from the tokens' own byte-level strings, not from the tokenizer's offset mapping that finetune.py uses.
+It renders with `apply_chat_template` (plain ChatML written here, a Qwen2.5-style template with tools written here,
+or the Qwen3 template that ships with the tokenizer) and finds where each token starts from the tokens' own
+byte-level strings, not from the tokenizer's offset mapping that finetune.py uses.
 """
 IGNORE = -100
 
@@ -11,6 +12,53 @@ CHATML_TEMPLATE = (
     "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
     "{%- endfor %}"
 )
+
+
+# In the style of Qwen2.5's template: a default system message, tools listed in the system turn, tool calls as
+# <tool_call> JSON (arguments through tojson), consecutive tool results in one user turn. Written for these tests.
+QWEN25_STYLE_TEMPLATE = """
+{%- if messages[0].role == 'system' %}
+    {%- set system = messages[0].content %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system = 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' %}
+{%- endif %}
+{{- '<|im_start|>system\n' + system }}
+{%- if tools %}
+    {{- '\n\n# Tools\n\nFunctions you may call:\n<tools>' }}
+    {%- for tool in tools %}
+        {{- '\n' + (tool | tojson) }}
+    {%- endfor %}
+    {{- '\n</tools>' }}
+{%- endif %}
+{{- '<|im_end|>\n' }}
+{%- for m in messages %}
+    {%- if m.role == 'assistant' and m.tool_calls %}
+        {{- '<|im_start|>assistant' }}
+        {%- if m.content %}
+            {{- '\n' + m.content }}
+        {%- endif %}
+        {%- for call in m.tool_calls %}
+            {{- '\n<tool_call>\n{"name": "' + call.function.name + '", "arguments": ' }}
+            {{- (call.function.arguments | tojson) + '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif m.role == 'tool' %}
+        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' + m.content + '\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- else %}
+        {{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
 
 
 def byte_level_alphabet():
@@ -38,17 +86,31 @@ def token_byte_starts(tokenizer, ids):
 
 
 def expected_labels(tokenizer, text, ids):
-    """Labels by the contract: trained = tokens starting inside an assistant content or on the <|im_end|> after it."""
+    """Labels by the contract: trained = tokens starting inside an assistant turn's body (after its header, through
+    its <|im_end|>), except an empty thinking block "<think>" + whitespace + "</think>" + newlines at its start."""
     data = text.encode("utf-8")
     header, end = b"<|im_start|>assistant\n", b"<|im_end|>"
     spans, position = [], 0
     while (found := data.find(header, position)) >= 0:
-        content_start = found + len(header)
-        content_end = data.index(end, content_start)
-        spans.append((content_start, content_end + len(end)))
-        position = content_end
+        body_start = found + len(header)
+        body_end = data.index(end, body_start)
+        if data.startswith(b"<think>", body_start):
+            think_end = data.find(b"</think>", body_start)
+            if 0 <= think_end < body_end and not data[body_start + len(b"<think>"):think_end].strip():
+                body_start = think_end + len(b"</think>")
+                while data[body_start:body_start + 1] == b"\n":
+                    body_start += 1
+        spans.append((body_start, body_end + len(end)))
+        position = body_end
     starts = token_byte_starts(tokenizer, ids)
     return [i if any(s <= b < e for s, e in spans) else IGNORE for i, b in zip(ids, starts)]
+
+
+def template_ids_and_labels(tokenizer, messages, tools=None, chat_template=None):
+    """What --template auto must produce: the chat template's own text and tokens, labelled by the rule above."""
+    text = tokenizer.apply_chat_template(messages, tools=tools, chat_template=chat_template, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text, ids, expected_labels(tokenizer, text, ids)
 
 
 def reference_ids_and_labels(tokenizer, messages):

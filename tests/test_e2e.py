@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 from conftest import ROOT, log_history, run_cli, run_finetune, write_jsonl
-from reference_labels import IGNORE, reference_ids_and_labels
+from reference_labels import IGNORE, reference_ids_and_labels, template_ids_and_labels
 from safetensors.torch import load_file
 
 from tiny_qwen import qwen_tokenizer_dir
@@ -18,7 +18,7 @@ from tiny_qwen import qwen_tokenizer_dir
 pytestmark = pytest.mark.e2e
 
 DATA = os.path.join(ROOT, "examples", "data.jsonl")
-EVAL_DATA = os.path.join(ROOT, "examples", "data_messages.json")
+AGENT_DATA = os.path.join(ROOT, "examples", "data_agent.jsonl")  # reasoning, tools, tool calls
 SHORT_RUN = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--logging_steps", "1",
              "--seed", "0"]
 LORA = ["--lora_r", "16", "--lora_alpha", "32"]
@@ -66,7 +66,7 @@ def assert_adapter_changes_the_model(base_path, adapter_dir):
 
 def test_full_finetune_of_qwen3_with_packing_writes_a_model_that_reloads_with_trained_weights(tiny_qwen3, tmp_path):
     out = str(tmp_path / "full")
-    result = run_finetune(["--model_name_or_path", tiny_qwen3, "--data_path", DATA, "--eval_data_path", EVAL_DATA,
+    result = run_finetune(["--model_name_or_path", tiny_qwen3, "--data_path", DATA, "--eval_data_path", AGENT_DATA,
                            "--output_dir", out, "--max_steps", "12", "--learning_rate", "3e-3",
                            "--save_strategy", "no", "--packing", "true", *SHORT_RUN])
     assert_success(result)
@@ -149,7 +149,8 @@ def test_preprocess_only_loads_no_model_and_dumps_exactly_the_label_rule(tmp_pat
     out = str(tmp_path / "preview")
     # The model folder holds only a tokenizer: loading any model would fail.
     result = run_finetune(["--model_name_or_path", qwen_tokenizer_dir(), "--data_path", data, "--output_dir", out,
-                           "--preprocess_only", "true", "--system_message", "Be kind.", "--model_max_length", "256"])
+                           "--preprocess_only", "true", "--system_message", "Be kind.", "--model_max_length", "256",
+                           "--template", "chatml"])
     assert_success(result)
     assert "samples kept: 2" in result.stdout and "1 with no trained token within --model_max_length" in result.stdout
     assert "⟦Il est midi. ⏰<|im_end|>⟧" in result.stdout
@@ -164,6 +165,27 @@ def test_preprocess_only_loads_no_model_and_dumps_exactly_the_label_rule(tmp_pat
         assert example == {"input_ids": ids, "labels": labels}
         assert any(label != IGNORE for label in labels)
     assert not os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+def test_preprocess_only_with_the_models_template_dumps_reasoning_and_tool_calls_by_the_rule(tmp_path):
+    out = str(tmp_path / "preview")
+    result = run_finetune(["--model_name_or_path", qwen_tokenizer_dir(), "--data_path", AGENT_DATA,
+                           "--output_dir", out, "--preprocess_only", "true"])  # --template auto is the default
+    assert_success(result)
+    assert "the model's own chat template" in result.stderr
+    assert "⟦<think>\nThe user wants today's weather in Lisbon" in result.stdout
+    with open(os.path.join(out, "tokenized_train.jsonl")) as f:
+        dumped = [json.loads(line) for line in f]
+    with open(AGENT_DATA) as f:
+        samples = [json.loads(line) for line in f]
+    assert len(dumped) == len(samples)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+    for example, sample in zip(dumped, samples):
+        if "messages" not in sample:
+            continue  # the ShareGPT sample: its mapping is checked in test_template.py
+        messages = [{**m, "content": m.get("content") or ""} for m in sample["messages"]]  # the template needs a str
+        _, ids, labels = template_ids_and_labels(tokenizer, messages, sample.get("tools"))
+        assert example == {"input_ids": ids, "labels": labels}
 
 
 @pytest.mark.parametrize("case", ["bad json line", "missing file"])

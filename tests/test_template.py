@@ -1,0 +1,250 @@
+"""--template auto: the model's own chat template (Qwen3 thinking, tools, tool calls) and its label rule.
+
+Each case checks finetune.py three ways: the ids equal the template's own tokens (apply_chat_template), the labels
+equal those of the independent labeller in reference_labels.py, and the trained runs decode to the exact text
+each assistant message should teach, written out by hand below.
+"""
+import copy
+import json
+
+import pytest
+from conftest import write_json, write_jsonl
+from reference_labels import IGNORE, QWEN25_STYLE_TEMPLATE, template_ids_and_labels
+
+import finetune
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather now in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+NOTE_TOOL = {"name": "save_note", "description": "Keep a note.",
+             "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}
+USER = {"role": "user", "content": "q"}
+
+
+def call(arguments, name="get_weather"):
+    return {"role": "assistant", "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": name, "arguments": arguments}}]}
+
+
+# Reasoning on an earlier turn and on the last ones, a tool call with null content, two tool results, non-ASCII.
+AGENT_MESSAGES = [
+    {"role": "system", "content": "Tu es un assistant météo."},
+    {"role": "user", "content": "Bonjour !"},
+    {"role": "assistant", "reasoning_content": "A greeting; answer briefly.", "content": "Bonjour ! ☀️"},
+    {"role": "user", "content": "Quel temps à Lyon et à Nice ?"},
+    {"role": "assistant", "content": None, "reasoning_content": "Two cities, two calls.", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Lyon\"}"}},
+        {"id": "b", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Nice"}}}]},
+    {"role": "tool", "tool_call_id": "a", "content": "{\"sky\": \"pluie\", \"c\": 12}"},
+    {"role": "tool", "tool_call_id": "b", "content": "{\"sky\": \"soleil\", \"c\": 21}"},
+    {"role": "assistant", "reasoning_content": "\nRain in Lyon, sun in Nice.\n",
+     "content": "Pluie à Lyon (12 °C), soleil à Nice (21 °C)."},
+]
+
+
+def template_messages(messages, arguments_as_objects=False):
+    """The messages as apply_chat_template takes them: tool-call-only content as "" (the templates cannot take a
+    null content), and for templates that would quote string arguments, the arguments as objects."""
+    messages = copy.deepcopy(messages)
+    for message in messages:
+        if message.get("content") is None:
+            message["content"] = ""
+        for call in message.get("tool_calls", []) if arguments_as_objects else []:
+            if isinstance(call["function"]["arguments"], str):
+                call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+    return messages
+
+
+def encode(tokenizer, path, lazy=False, **kwargs):
+    encoder = finetune.ChatEncoder(tokenizer, kwargs.pop("model_max_length", 8192), **kwargs)
+    dataset = (finetune.LazySupervisedDataset if lazy else finetune.SupervisedDataset)(path, encoder)
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def trained_runs(tokenizer, example):
+    runs, run = [], []
+    for label in example["labels"] + [IGNORE]:
+        if label != IGNORE:
+            run.append(label)
+        elif run:
+            runs.append(tokenizer.decode(run))
+            run = []
+    return runs
+
+
+def check_against_the_template(tokenizer, example, messages, tools=None, chat_template=None):
+    messages = template_messages(messages, arguments_as_objects=chat_template == QWEN25_STYLE_TEMPLATE)
+    text, ids, labels = template_ids_and_labels(tokenizer, messages, tools, chat_template)
+    assert example["input_ids"] == ids
+    assert example["labels"] == labels
+    return text
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_qwen3_template_reasoning_tool_calls_and_tool_results(tokenizer, tmp_path, lazy):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"tools": [WEATHER_TOOL], "messages": AGENT_MESSAGES}])
+    [example] = encode(tokenizer, path, lazy=lazy)
+    text = check_against_the_template(tokenizer, example, AGENT_MESSAGES, [WEATHER_TOOL])
+    assert "A greeting" not in text  # Qwen3 drops reasoning before the last user query, as at inference
+    assert trained_runs(tokenizer, example) == [
+        "Bonjour ! ☀️<|im_end|>",
+        "<think>\nTwo cities, two calls.\n</think>\n\n"
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lyon"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Nice"}}\n</tool_call><|im_end|>',
+        "<think>\nRain in Lyon, sun in Nice.\n</think>\n\nPluie à Lyon (12 °C), soleil à Nice (21 °C).<|im_end|>",
+    ]
+    # The tool results and the tools block are context, never trained.
+    assert "<tool_response>" in text and all("tool_response" not in run for run in trained_runs(tokenizer, example))
+
+
+def test_qwen3_empty_thinking_block_the_template_inserts_is_not_trained(tokenizer, tmp_path):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "  See you."}]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])
+    [example] = encode(tokenizer, path)
+    text = check_against_the_template(tokenizer, example, messages)
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n  See you.<|im_end|>\n")
+    assert trained_runs(tokenizer, example) == ["Hello.<|im_end|>", "  See you.<|im_end|>"]
+    think = tokenizer.convert_tokens_to_ids("<think>")
+    assert think in example["input_ids"] and think not in example["labels"]
+
+
+def test_reasoning_written_inside_the_content_is_trained_like_reasoning_content(tokenizer, tmp_path):
+    inline = [{"role": "user", "content": "Is 91 prime?"},
+              {"role": "assistant", "content": "<think>\n91 = 7 × 13.\n</think>\n\nNo."}]
+    separate = [inline[0], {"role": "assistant", "reasoning_content": "91 = 7 × 13.", "content": "No."}]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": inline}, {"messages": separate}])
+    first, second = encode(tokenizer, path)
+    assert first == second
+    assert trained_runs(tokenizer, first) == ["<think>\n91 = 7 × 13.\n</think>\n\nNo.<|im_end|>"]
+
+
+def test_sharegpt_function_call_and_observation_equal_the_openai_form(tokenizer, tmp_path):
+    sharegpt = {"system": "Be useful.", "tools": json.dumps([NOTE_TOOL]), "conversations": [
+        {"from": "human", "value": "Remember: milk."},
+        {"from": "function_call", "value": json.dumps({"name": "save_note", "arguments": {"text": "milk"}})},
+        {"from": "observation", "value": "saved"},
+        {"from": "gpt", "value": "Noted."}]}
+    openai = {"tools": [{"type": "function", "function": NOTE_TOOL}], "messages": [
+        {"role": "system", "content": "Be useful."}, {"role": "user", "content": "Remember: milk."},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "save_note", "arguments": "{\"text\": \"milk\"}"}}]},
+        {"role": "tool", "content": "saved"}, {"role": "assistant", "content": "Noted."}]}
+    path = write_json(tmp_path / "d.json", [sharegpt, openai])
+    from_sharegpt, from_openai = encode(tokenizer, path)
+    assert from_sharegpt == from_openai
+    check_against_the_template(tokenizer, from_openai, openai["messages"], openai["tools"])
+    assert trained_runs(tokenizer, from_openai) == [
+        '<tool_call>\n{"name": "save_note", "arguments": {"text": "milk"}}\n'
+        "</tool_call><|im_end|>", "Noted.<|im_end|>"]
+
+
+def test_qwen25_style_template_with_default_system_tools_and_tool_calls(tokenizer, tmp_path):
+    qwen25 = copy.copy(tokenizer)
+    qwen25.chat_template = QWEN25_STYLE_TEMPLATE
+    messages = AGENT_MESSAGES[1:]  # no system message: the template's default applies
+    path = write_jsonl(tmp_path / "d.jsonl", [{"tools": [WEATHER_TOOL], "messages": messages}])
+    [example] = encode(qwen25, path)
+    text = check_against_the_template(qwen25, example, messages, [WEATHER_TOOL], QWEN25_STYLE_TEMPLATE)
+    assert text.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
+    assert trained_runs(qwen25, example) == [  # this template has no reasoning: none is rendered, none trained
+        "Bonjour ! ☀️<|im_end|>",
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lyon"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Nice"}}\n</tool_call><|im_end|>',
+        "Pluie à Lyon (12 °C), soleil à Nice (21 °C).<|im_end|>",
+    ]
+    # --system_message replaces the template's default for samples without one.
+    [example] = encode(qwen25, path, system_message="Be terse.")
+    assert qwen25.decode(example["input_ids"]).startswith("<|im_start|>system\nBe terse.\n\n# Tools")
+
+
+def test_string_arguments_reach_qwen3_as_written_and_qwen25_as_an_object(tokenizer, tmp_path):
+    messages = [USER, call('{"city":"Lyon",  "days": [1,2]}')]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])
+    [qwen3] = encode(tokenizer, path)
+    check_against_the_template(tokenizer, qwen3, messages)  # the sample's own string, byte for byte
+    assert '"arguments": {"city":"Lyon",  "days": [1,2]}}' in tokenizer.decode(qwen3["input_ids"])
+    qwen25 = copy.copy(tokenizer)
+    qwen25.chat_template = QWEN25_STYLE_TEMPLATE
+    [example] = encode(qwen25, path)
+    check_against_the_template(qwen25, example, messages, chat_template=QWEN25_STYLE_TEMPLATE)
+    # Handed over as given, this template would have written "arguments": "{\"city\":...}", a quoted string.
+    assert '"arguments": {"city": "Lyon", "days": [1, 2]}}' in qwen25.decode(example["input_ids"])
+
+
+def test_truncation_in_auto_mode_cuts_the_same_tokens(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"tools": [WEATHER_TOOL], "messages": AGENT_MESSAGES}])
+    [full] = encode(tokenizer, path)
+    for lazy in (False, True):
+        [cut] = encode(tokenizer, path, lazy=lazy, model_max_length=200)
+        assert cut["input_ids"] == full["input_ids"][:200] and cut["labels"] == full["labels"][:200]
+
+
+def test_template_choice(tokenizer):
+    assert finetune.ChatEncoder(tokenizer, 64).template == "auto"
+    assert finetune.ChatEncoder(tokenizer, 64, template="chatml").template == "chatml"
+    plain = copy.copy(tokenizer)
+    plain.chat_template = None
+    assert finetune.ChatEncoder(plain, 64).template == "chatml"  # nothing to follow: plain ChatML
+    plain.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    with pytest.raises(finetune.UserError, match="does not write ChatML turns.*--template chatml"):
+        finetune.ChatEncoder(plain, 64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors name the file, the sample, the message and the call
+# ---------------------------------------------------------------------------------------------------------
+
+BAD_TOOL_SAMPLES = {
+    "arguments not JSON": ({"messages": [USER, call("{city: Lyon}")]},
+                           "message 1 tool call 0 'arguments': not valid JSON"),
+    "arguments a list": ({"messages": [USER, call("[1, 2]")]},
+                         "message 1 tool call 0: 'arguments' must be a JSON object (or a string holding one), got list"),
+    "arguments missing": ({"messages": [USER, call(None)]}, "message 1 tool call 0: 'arguments' must be a JSON object"),
+    "no name": ({"messages": [USER, call("{}", name="")]}, "message 1 tool call 0 has no function 'name'"),
+    "call not an object": ({"messages": [USER, {"role": "assistant", "content": "", "tool_calls": ["get_weather"]}]},
+                           "message 1 tool call 0 is not a JSON object"),
+    "tool_calls not a list": ({"messages": [USER, {"role": "assistant", "content": "x", "tool_calls": {"name": "f"}}]},
+                              "message 1: 'tool_calls' must be a non-empty list"),
+    "tool_calls on a user": ({"messages": [{**USER, "tool_calls": []}, {"role": "assistant", "content": "a"}]},
+                             "message 0: 'tool_calls' belongs on assistant messages, not on a user message"),
+    "null content, no calls": ({"messages": [USER, {"role": "assistant", "content": None}]},
+                               "message 1 has a null 'content' (or 'value') field"),
+    "reasoning not a string": ({"messages": [USER, {"role": "assistant", "content": "a", "reasoning_content": 3}]},
+                               "message 1: 'reasoning_content' must be a string, got int"),
+    "function_call not JSON": ({"conversations": [{"from": "human", "value": "q"},
+                                                  {"from": "function_call", "value": "save_note(milk)"}]},
+                               "message 1: its function_call value: not valid JSON"),
+    "tools not a list": ({"tools": {"name": "f"}, "messages": [USER, {"role": "assistant", "content": "a"}]},
+                         "'tools' must be a list of function definitions, got dict"),
+    "tool without a name": ({"tools": [{"description": "?"}], "messages": [USER, {"role": "assistant", "content": "a"}]},
+                            "tool 0 in 'tools' has no function 'name'"),
+    "control token in arguments": ({"messages": [USER, call({"text": "<|im_end|>"})]},
+                                   "message 1 tool call 0 contains the control token '<|im_end|>'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TOOL_SAMPLES)
+def test_malformed_tool_data_names_the_sample(tokenizer, tmp_path, case):
+    sample, expected = BAD_TOOL_SAMPLES[case]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [USER, {"role": "assistant", "content": "a"}]}, sample])
+    with pytest.raises(finetune.DataError) as error:
+        encode(tokenizer, path)
+    assert str(error.value).startswith(f"{path} line 2: ") and expected in str(error.value), str(error.value)
+
+
+def test_chatml_template_refuses_what_it_cannot_render(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [USER, call("{}")]}])
+    with pytest.raises(finetune.DataError, match=r"line 1: has tool calls, which --template chatml cannot render; "
+                                                 r"use --template auto"):
+        encode(tokenizer, path, template="chatml")
+
+
+def test_template_that_raises_is_reported_for_the_sample(tokenizer, tmp_path):
+    strict = copy.copy(tokenizer)
+    strict.chat_template = ("{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tools here') }}"
+                            "{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [USER, {"role": "tool", "content": "r"},
+                                                            {"role": "assistant", "content": "a"}]}])
+    with pytest.raises(finetune.DataError, match=r"line 1: the chat template cannot render it: .*no tools here"):
+        encode(strict, path)
