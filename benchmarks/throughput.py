@@ -110,7 +110,7 @@ def run_mode(mode, workdir):
             "--group_by_length", str(mode == "c").lower()]
     model_args, data_args, training_args, lora_args = finetune.parse_arguments(argv)
     tokenizer = finetune.load_tokenizer(model_args, training_args)
-    encoder = finetune.ChatEncoder(tokenizer, MAX_LENGTH, data_args.system_message)
+    encoder = finetune.ChatEncoder(tokenizer, MAX_LENGTH, data_args.system_message, data_args.template)
     dataset = finetune.SupervisedDataset(data, encoder)
     collator = (PadToMaxLength(tokenizer.pad_token_id, MAX_LENGTH) if mode == "a"
                 else finetune.make_collator(tokenizer, training_args.packing))

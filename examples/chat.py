@@ -19,9 +19,12 @@ def load(model=None, base=None, adapter=None):
     return transformers.AutoModelForCausalLM.from_pretrained(model, dtype="auto"), transformers.AutoTokenizer.from_pretrained(model)
 
 
-def reply(model, tokenizer, message, system="You are a helpful assistant.", max_new_tokens=48):
+def reply(model, tokenizer, message, system="You are a helpful assistant.", max_new_tokens=48, thinking=True):
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    # enable_thinking=False makes Qwen3's template put the empty <think></think> block into the prompt: what a model
+    # fine-tuned on answers without reasoning saw (other templates ignore the flag).
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True,
+                                           enable_thinking=thinking)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -34,9 +37,11 @@ if __name__ == "__main__":
     parser.add_argument("--base", help="base model of the adapter")
     parser.add_argument("--adapter", help="folder written by a LoRA or QLoRA run")
     parser.add_argument("--max_new_tokens", type=int, default=48)
+    parser.add_argument("--no_thinking", action="store_true", help="Qwen3: answer without a <think> block")
     args = parser.parse_args()
     if not args.model and not (args.base and args.adapter):
         parser.error("give --model, or --base and --adapter")
     model, tokenizer = load(args.model, args.base, args.adapter)
     print(f"user: {args.message}")
-    print(f"assistant: {reply(model, tokenizer, args.message, max_new_tokens=args.max_new_tokens)}")
+    answer = reply(model, tokenizer, args.message, max_new_tokens=args.max_new_tokens, thinking=not args.no_thinking)
+    print(f"assistant: {answer}")
