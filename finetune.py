@@ -533,9 +533,10 @@ def parse_tool_calls(calls, where, forbidden_tokens):
         if not isinstance(parsed_arguments, dict):
             got = "nothing" if parsed_arguments is None else type(parsed_arguments).__name__
             raise DataError(f"{at}: 'arguments' must be a JSON object (or a string holding one), got {got}")
-        call = {"type": "function", "function": {"name": name, "arguments": arguments}}
-        check_no_control_tokens(json.dumps(call, ensure_ascii=False), at, forbidden_tokens)
-        parsed.append(call)
+        # Both spellings: the template may write the string as given or the parsed object (where "\u003c" is "<").
+        written = json.dumps([name, arguments, parsed_arguments], ensure_ascii=False)
+        check_no_control_tokens(written, at, forbidden_tokens)
+        parsed.append({"type": "function", "function": {"name": name, "arguments": arguments}})
     return parsed
 
 

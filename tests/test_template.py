@@ -221,6 +221,8 @@ BAD_TOOL_SAMPLES = {
                             "tool 0 in 'tools' has no function 'name'"),
     "control token in arguments": ({"messages": [USER, call({"text": "<|im_end|>"})]},
                                    "message 1 tool call 0 contains the control token '<|im_end|>'"),
+    "control token escaped in arguments": ({"messages": [USER, call('{"text": "\\u003c|im_start|>"}')]},
+                                           "message 1 tool call 0 contains the control token '<|im_start|>'"),
 }
 
 
