@@ -635,16 +635,33 @@ def resolve_template(tokenizer, template):
     return "auto"
 
 
-def quotes_string_arguments(tokenizer):
-    """Whether the template writes tool-call arguments given as a JSON string as a quoted string (Qwen2.5's does;
-    Qwen3's writes them as they are). Such arguments are then handed over parsed, as OpenAI-compatible servers do,
-    so that the model learns to call tools with a JSON object, never with a string holding one."""
-    call = {"type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
-    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
-    try:
-        return '{"x": 1}' not in tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:  # a template without tool calls: nothing to decide
-        return False
+@dataclass
+class TemplateTraits:
+    """What a chat template does with tool calls and reasoning, learnt by rendering a probe conversation."""
+
+    tool_arguments: str  # a string argument comes out "as written", "quoted" (as a JSON string), or is "dropped"
+    writes_reasoning: bool  # the reasoning_content of a final assistant turn appears
+
+
+def probe_template(tokenizer):
+    arguments = '{"x": 1}'
+    tool = {"type": "function", "function": {"name": "probe", "parameters": {"type": "object", "properties": {}}}}
+    call = {"type": "function", "function": {"name": "probe", "arguments": arguments}}
+
+    def render(assistant):
+        try:
+            return tokenizer.apply_chat_template([{"role": "user", "content": "q"}, assistant], tools=[tool],
+                                                 tokenize=False)
+        except Exception:  # a template that cannot take this probe writes none of it
+            return ""
+
+    with_call = render({"role": "assistant", "content": "", "tool_calls": [call]})
+    with_reasoning = render({"role": "assistant", "content": "a", "reasoning_content": "probe reasoning"})
+    return TemplateTraits(
+        tool_arguments="as written" if arguments in with_call else "quoted" if json.dumps(arguments) in with_call
+        else "dropped",
+        writes_reasoning="probe reasoning" in with_reasoning,
+    )
 
 
 def labels_from_offsets(input_ids, offsets, trained_spans):
@@ -671,7 +688,8 @@ class ChatEncoder:
         self.tokenizer = tokenizer
         self.model_max_length = model_max_length
         self.template = resolve_template(tokenizer, template)
-        self.arguments_as_objects = self.template == "auto" and quotes_string_arguments(tokenizer)
+        self.traits = probe_template(tokenizer) if self.template == "auto" else None
+        self.warned_about_reasoning = False
         log.info("rendering conversations with " + (
             "the model's own chat template (--template auto)" if self.template == "auto" else "plain ChatML"))
         # ChatML gets a default system turn; the model's own template brings its own default (Qwen2.5: one,
@@ -688,12 +706,27 @@ class ChatEncoder:
         conversation = parse_sample(sample, where, self.forbidden_tokens)
         if self.template == "chatml" and (feature := conversation.tool_or_reasoning_feature()):
             raise DataError(f"{where}: has {feature}, which --template chatml cannot render; {TOOL_FEATURES_HELP}")
-        if self.arguments_as_objects:
-            for message in conversation.messages:
-                for call in message.get("tool_calls", ()):
-                    if isinstance(call["function"]["arguments"], str):
-                        call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+        if self.traits:
+            self.fit_to_template(conversation)
         return conversation
+
+    def fit_to_template(self, conversation):
+        """Hand the template tool calls in a form it writes well; refuse or report what it would leave out.
+
+        Arguments given as a JSON string reach a template that would quote them (Qwen2.5's) parsed, as
+        OpenAI-compatible servers hand them over, so that the model never learns to call a tool with a string."""
+        for message in conversation.messages:
+            for call in message.get("tool_calls", ()):
+                if self.traits.tool_arguments == "dropped":
+                    raise DataError(f"{conversation.where}: has tool calls, which this model's chat template does not "
+                                    "write, so they could not be trained")
+                if self.traits.tool_arguments == "quoted" and isinstance(call["function"]["arguments"], str):
+                    call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+            drops_reasoning = message.get("reasoning_content") and not self.traits.writes_reasoning
+            if drops_reasoning and not self.warned_about_reasoning:
+                log.warning(f"{conversation.where}: this model's chat template does not write 'reasoning_content'; "
+                            "the reasoning of every sample is left out of training")
+                self.warned_about_reasoning = True
 
     def render(self, conversation):
         """(text, character spans to train)."""

@@ -180,6 +180,28 @@ def test_truncation_in_auto_mode_cuts_the_same_tokens(tokenizer, tmp_path):
         assert cut["input_ids"] == full["input_ids"][:200] and cut["labels"] == full["labels"][:200]
 
 
+def test_what_each_template_does_with_tool_calls_and_reasoning(tokenizer):
+    qwen25 = copy.copy(tokenizer)
+    qwen25.chat_template = QWEN25_STYLE_TEMPLATE
+    assert finetune.probe_template(tokenizer) == finetune.TemplateTraits("as written", writes_reasoning=True)
+    assert finetune.probe_template(qwen25) == finetune.TemplateTraits("quoted", writes_reasoning=False)
+
+
+def test_a_template_that_would_drop_tool_calls_or_reasoning_is_not_silent(tokenizer, tmp_path, caplog):
+    plain = copy.copy(tokenizer)  # ChatML turns of content only, like Qwen1.5's template
+    plain.chat_template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [USER, call({"city": "Oslo"})]}])
+    with pytest.raises(finetune.DataError, match="line 1: has tool calls, which this model's chat template does not"):
+        encode(plain, path)
+    reasoning = {"role": "assistant", "content": "a", "reasoning_content": "think"}
+    path = write_jsonl(tmp_path / "r.jsonl", [{"messages": [USER, reasoning]}] * 2)
+    with caplog.at_level("WARNING", logger="finetune"):
+        [example, _] = encode(plain, path)
+    warnings = [r.message for r in caplog.records if "does not write 'reasoning_content'" in r.message]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{path} line 1:")
+    assert trained_runs(plain, example) == ["a<|im_end|>"]
+
+
 def test_template_choice(tokenizer):
     assert finetune.ChatEncoder(tokenizer, 64).template == "auto"
     assert finetune.ChatEncoder(tokenizer, 64, template="chatml").template == "chatml"
