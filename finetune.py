@@ -99,7 +99,8 @@ class DataArguments:
     system_message: Optional[str] = field(
         default=None,
         metadata={"help": "System turn for samples that bring none. Unset: 'You are a helpful assistant.' with "
-                  "--template chatml, the template's own default with auto. Empty: none (chatml)."},
+                  "--template chatml, the template's own default with auto. Empty: none with chatml, an empty "
+                  "system message with auto."},
     )
     preprocess_only: bool = field(
         default=False,
@@ -367,9 +368,9 @@ DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."  # ChatML's system turn 
 ASSISTANT_HEADER, TURN_END = "<|im_start|>assistant\n", "<|im_end|>"
 EMPTY_THINKING = re.compile(r"<think>\s*</think>\n*")  # what the Qwen3 template writes for "no reasoning"
 # What each role name of either format becomes: ShareGPT's function_call is an assistant turn that calls tools,
-# its observation is a tool result, as in the OpenAI format.
+# its observation (like OpenAI's older function role) is a tool result.
 ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system",
-              "tool": "tool", "observation": "tool", "function_call": "assistant"}
+              "tool": "tool", "function": "tool", "observation": "tool", "function_call": "assistant"}
 TOOL_FEATURES_HELP = "use --template auto (the model's own chat template) for tools, tool calls and reasoning"
 
 
@@ -492,11 +493,16 @@ def parse_message(turn, where, forbidden_tokens):
         message["content"], message["tool_calls"] = "", parse_tool_calls(
             calls if isinstance(calls, list) else [calls], where, forbidden_tokens)
         return message
-    for key in ("tool_calls", "reasoning_content"):
-        if turn.get(key) is not None and message["role"] != "assistant":
+    for key in ("tool_calls", "function_call", "reasoning_content"):
+        if turn.get(key) and message["role"] != "assistant":
             raise DataError(f"{where}: '{key}' belongs on assistant messages, not on a {role} message")
-    if turn.get("tool_calls") is not None:
-        message["tool_calls"] = parse_tool_calls(turn["tool_calls"], where, forbidden_tokens)
+    calls = turn.get("tool_calls")
+    if turn.get("function_call"):  # OpenAI's older form of one call
+        if calls:
+            raise DataError(f"{where}: has both 'tool_calls' and 'function_call'; keep one")
+        calls = [turn["function_call"]]
+    if calls is not None and calls != []:
+        message["tool_calls"] = parse_tool_calls(calls, where, forbidden_tokens)
         text = "" if text is None else text  # OpenAI: an assistant message that only calls tools has null content
     if not isinstance(text, str):
         if text is None:
@@ -554,7 +560,9 @@ def parse_tools(tools, where, forbidden_tokens):
         function = tool.get("function", tool) if isinstance(tool, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"].strip():
             raise DataError(f"{where}: tool {k} in 'tools' has no function 'name'")
-        parsed.append(tool if "function" in tool else {"type": "function", "function": tool})
+        if "function" not in tool:
+            tool = {"type": "function", "function": tool}
+        parsed.append(tool if "type" in tool else {"type": "function", **tool})
     check_no_control_tokens(json.dumps(parsed, ensure_ascii=False), f"{where}: 'tools'", forbidden_tokens)
     return parsed
 
@@ -616,19 +624,26 @@ def assistant_spans(text, conversation):
     expected = sum(message["role"] == "assistant" for message in conversation.messages)
     if len(spans) != expected:
         raise DataError(f"{conversation.where}: the chat template wrote {len(spans)} complete assistant turns for "
-                        f"{expected} assistant messages, so what to train is unclear; try --template chatml")
+                        f"{expected} assistant messages, so what to train is unclear (--template chatml renders "
+                        "samples without tool data as plain ChatML)")
     return spans
 
 
 def resolve_template(tokenizer, template):
-    """'auto' when the tokenizer has a ChatML-style chat template (every Qwen since 1.5), else 'chatml'."""
+    """'auto' when the tokenizer has a ChatML-style chat template (every Qwen since 1.5), else 'chatml'.
+
+    Raises UserError for a template that fails on, or does not write ChatML for, a plain exchange."""
     if template == "chatml":
         return "chatml"
     if not tokenizer.chat_template:
         log.info("the tokenizer has no chat template: rendering plain ChatML (as --template chatml)")
         return "chatml"
-    probe = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], tokenize=False)
+    try:
+        probe = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], tokenize=False)
+    except Exception as e:
+        raise UserError(f"the tokenizer's chat template fails on a plain user/assistant exchange "
+                        f"({type(e).__name__}: {e}); use --template chatml") from None
     if ASSISTANT_HEADER not in probe or TURN_END not in probe:
         raise UserError("the tokenizer's chat template does not write ChatML turns (<|im_start|>assistant ... "
                         "<|im_end|>), so the trained tokens cannot be found in it; use --template chatml")
@@ -637,30 +652,42 @@ def resolve_template(tokenizer, template):
 
 @dataclass
 class TemplateTraits:
-    """What a chat template does with tool calls and reasoning, learnt by rendering a probe conversation."""
+    """What a chat template does with tool data; see probe_template."""
 
-    tool_arguments: str  # a string argument comes out "as written", "quoted" (as a JSON string), or is "dropped"
+    writes_tools: bool  # the sample's tool list appears
+    writes_tool_calls: bool
+    wants_object_arguments: bool  # arguments given as a string would not come out as written (quoted, or an error)
     writes_reasoning: bool  # the reasoning_content of a final assistant turn appears
 
 
-def probe_template(tokenizer):
-    arguments = '{"x": 1}'
-    tool = {"type": "function", "function": {"name": "probe", "parameters": {"type": "object", "properties": {}}}}
-    call = {"type": "function", "function": {"name": "probe", "arguments": arguments}}
+PROBE_ARGUMENTS = '{"probe_key": "probe_value"}'
 
-    def render(assistant):
+
+def probe_template(tokenizer):
+    """Render a tiny conversation a few ways to learn what the template does with tools, tool calls and reasoning,
+    so that nothing a sample holds is dropped or mangled without a word. A probe the template raises on counts as
+    not written."""
+    tool = {"type": "function", "function": {"name": "probe_tool", "description": "probe_description",
+                                             "parameters": {"type": "object", "properties": {}}}}
+
+    def render(assistant, tools=None):
         try:
-            return tokenizer.apply_chat_template([{"role": "user", "content": "q"}, assistant], tools=[tool],
+            return tokenizer.apply_chat_template([{"role": "user", "content": "q"}, assistant], tools=tools,
                                                  tokenize=False)
-        except Exception:  # a template that cannot take this probe writes none of it
+        except Exception:
             return ""
 
-    with_call = render({"role": "assistant", "content": "", "tool_calls": [call]})
-    with_reasoning = render({"role": "assistant", "content": "a", "reasoning_content": "probe reasoning"})
+    def calling(arguments):
+        call = {"type": "function", "function": {"name": "probe_tool", "arguments": arguments}}
+        return render({"role": "assistant", "content": "", "tool_calls": [call]}, tools=[tool])
+
+    with_string, with_object = calling(PROBE_ARGUMENTS), calling(json.loads(PROBE_ARGUMENTS))
     return TemplateTraits(
-        tool_arguments="as written" if arguments in with_call else "quoted" if json.dumps(arguments) in with_call
-        else "dropped",
-        writes_reasoning="probe reasoning" in with_reasoning,
+        writes_tools="probe_description" in render({"role": "assistant", "content": "a"}, tools=[tool]),
+        writes_tool_calls="probe_value" in with_string + with_object,
+        wants_object_arguments=PROBE_ARGUMENTS not in with_string,
+        writes_reasoning="probe_reasoning" in render(
+            {"role": "assistant", "content": "a", "reasoning_content": "probe_reasoning"}),
     )
 
 
@@ -687,17 +714,16 @@ class ChatEncoder:
             )
         self.tokenizer = tokenizer
         self.model_max_length = model_max_length
-        self.template = resolve_template(tokenizer, template)
+        self.requested_template, self.template = template, resolve_template(tokenizer, template)
         self.traits = probe_template(tokenizer) if self.template == "auto" else None
-        self.warned_about_reasoning = False
+        self.warned = set()
         log.info("rendering conversations with " + (
             "the model's own chat template (--template auto)" if self.template == "auto" else "plain ChatML"))
         # ChatML gets a default system turn; the model's own template brings its own default (Qwen2.5: one,
-        # Qwen3: none) unless the user names a system message.
-        if self.template == "chatml":
-            self.system_message = DEFAULT_SYSTEM_MESSAGE if system_message is None else system_message
-        else:
-            self.system_message = system_message or None
+        # Qwen3: none) unless the user names a system message ("" names an empty one, which hides Qwen2.5's).
+        if self.template == "chatml" and system_message is None:
+            system_message = DEFAULT_SYSTEM_MESSAGE
+        self.system_message = system_message
         # Every special token is a control token: plain text spelling one would silently become it.
         self.forbidden_tokens = sorted(set(tokenizer.all_special_tokens))
         check_no_control_tokens(self.system_message or "", "--system_message", self.forbidden_tokens)
@@ -705,28 +731,35 @@ class ChatEncoder:
     def parse(self, sample, where):
         conversation = parse_sample(sample, where, self.forbidden_tokens)
         if self.template == "chatml" and (feature := conversation.tool_or_reasoning_feature()):
-            raise DataError(f"{where}: has {feature}, which --template chatml cannot render; {TOOL_FEATURES_HELP}")
+            remedy = "this tokenizer has no chat template to render it with" if self.requested_template == "auto" \
+                else TOOL_FEATURES_HELP
+            raise DataError(f"{where}: has {feature}, which plain ChatML cannot render; {remedy}")
         if self.traits:
             self.fit_to_template(conversation)
         return conversation
 
     def fit_to_template(self, conversation):
-        """Hand the template tool calls in a form it writes well; refuse or report what it would leave out.
+        """Refuse tool calls the template would drop (nothing of them could be trained); hand arguments given as a
+        string over parsed where the template would quote them (Qwen2.5's), as OpenAI-compatible servers do, so
+        that the model never learns to call a tool with a string; say once what context the template leaves out."""
+        calls = [call for message in conversation.messages for call in message.get("tool_calls", ())]
+        if calls and not self.traits.writes_tool_calls:
+            raise DataError(f"{conversation.where}: has tool calls, which this model's chat template does not write, "
+                            "so they could not be trained")
+        for call in calls if self.traits.wants_object_arguments else ():
+            if isinstance(call["function"]["arguments"], str):
+                call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+        if conversation.tools and not self.traits.writes_tools:
+            self.warn_once("tools", f"{conversation.where}: this model's chat template does not write 'tools'; "
+                           "the tool list of every sample is left out")
+        if not self.traits.writes_reasoning and any(m.get("reasoning_content") for m in conversation.messages):
+            self.warn_once("reasoning", f"{conversation.where}: this model's chat template does not write "
+                           "'reasoning_content'; the reasoning of every sample is left out of training")
 
-        Arguments given as a JSON string reach a template that would quote them (Qwen2.5's) parsed, as
-        OpenAI-compatible servers hand them over, so that the model never learns to call a tool with a string."""
-        for message in conversation.messages:
-            for call in message.get("tool_calls", ()):
-                if self.traits.tool_arguments == "dropped":
-                    raise DataError(f"{conversation.where}: has tool calls, which this model's chat template does not "
-                                    "write, so they could not be trained")
-                if self.traits.tool_arguments == "quoted" and isinstance(call["function"]["arguments"], str):
-                    call["function"]["arguments"] = json.loads(call["function"]["arguments"])
-            drops_reasoning = message.get("reasoning_content") and not self.traits.writes_reasoning
-            if drops_reasoning and not self.warned_about_reasoning:
-                log.warning(f"{conversation.where}: this model's chat template does not write 'reasoning_content'; "
-                            "the reasoning of every sample is left out of training")
-                self.warned_about_reasoning = True
+    def warn_once(self, what, message):
+        if what not in self.warned:  # the same warning for every other sample would drown the log
+            self.warned.add(what)
+            log.warning(message)
 
     def render(self, conversation):
         """(text, character spans to train)."""

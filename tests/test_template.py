@@ -55,6 +55,15 @@ def template_messages(messages, arguments_as_objects=False):
     return messages
 
 
+PLAIN_CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+
+
+def with_template(tokenizer, chat_template):
+    other = copy.copy(tokenizer)
+    other.chat_template = chat_template
+    return other
+
+
 def encode(tokenizer, path, lazy=False, **kwargs):
     encoder = finetune.ChatEncoder(tokenizer, kwargs.pop("model_max_length", 8192), **kwargs)
     dataset = (finetune.LazySupervisedDataset if lazy else finetune.SupervisedDataset)(path, encoder)
@@ -139,9 +148,32 @@ def test_sharegpt_function_call_and_observation_equal_the_openai_form(tokenizer,
         "</tool_call><|im_end|>", "Noted.<|im_end|>"]
 
 
+def test_older_and_partial_openai_shapes_mean_the_same(tokenizer, tmp_path):
+    tool_calls = {"tools": [WEATHER_TOOL], "messages": [
+        USER, {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "tool", "content": "snow"}, {"role": "assistant", "content": "Snow.", "tool_calls": []}]}
+    older = {"tools": [{"function": WEATHER_TOOL["function"]}], "messages": [  # no "type"; function_call; function
+        USER, {"role": "assistant", "content": None,
+               "function_call": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}},
+        {"role": "function", "name": "get_weather", "content": "snow"}, {"role": "assistant", "content": "Snow."}]}
+    bare = {**older, "tools": [WEATHER_TOOL["function"]]}
+    path = write_jsonl(tmp_path / "d.jsonl", [tool_calls, older, bare])
+    first, second, third = encode(tokenizer, path)
+    assert first == second == third
+    check_against_the_template(tokenizer, first, tool_calls["messages"], tool_calls["tools"])
+
+
+def test_whitespace_only_reasoning_is_an_empty_thinking_block(tokenizer, tmp_path):
+    samples = [{"messages": [USER, {"role": "assistant", "reasoning_content": reasoning, "content": "a"}]}
+               for reasoning in ["", "  ", "\n\n"]]
+    samples.append({"messages": [USER, {"role": "assistant", "content": "<think> </think>a"}]})
+    for example in encode(tokenizer, write_jsonl(tmp_path / "d.jsonl", samples)):
+        assert trained_runs(tokenizer, example) == ["a<|im_end|>"]
+
+
 def test_qwen25_style_template_with_default_system_tools_and_tool_calls(tokenizer, tmp_path):
-    qwen25 = copy.copy(tokenizer)
-    qwen25.chat_template = QWEN25_STYLE_TEMPLATE
+    qwen25 = with_template(tokenizer, QWEN25_STYLE_TEMPLATE)
     messages = AGENT_MESSAGES[1:]  # no system message: the template's default applies
     path = write_jsonl(tmp_path / "d.jsonl", [{"tools": [WEATHER_TOOL], "messages": messages}])
     [example] = encode(qwen25, path)
@@ -156,6 +188,8 @@ def test_qwen25_style_template_with_default_system_tools_and_tool_calls(tokenize
     # --system_message replaces the template's default for samples without one.
     [example] = encode(qwen25, path, system_message="Be terse.")
     assert qwen25.decode(example["input_ids"]).startswith("<|im_start|>system\nBe terse.\n\n# Tools")
+    [example] = encode(qwen25, path, system_message="")  # an empty one hides the template's default
+    assert qwen25.decode(example["input_ids"]).startswith("<|im_start|>system\n\n\n# Tools")
 
 
 def test_string_arguments_reach_qwen3_as_written_and_qwen25_as_an_object(tokenizer, tmp_path):
@@ -164,53 +198,78 @@ def test_string_arguments_reach_qwen3_as_written_and_qwen25_as_an_object(tokeniz
     [qwen3] = encode(tokenizer, path)
     check_against_the_template(tokenizer, qwen3, messages)  # the sample's own string, byte for byte
     assert '"arguments": {"city":"Lyon",  "days": [1,2]}}' in tokenizer.decode(qwen3["input_ids"])
-    qwen25 = copy.copy(tokenizer)
-    qwen25.chat_template = QWEN25_STYLE_TEMPLATE
+    qwen25 = with_template(tokenizer, QWEN25_STYLE_TEMPLATE)
     [example] = encode(qwen25, path)
     check_against_the_template(qwen25, example, messages, chat_template=QWEN25_STYLE_TEMPLATE)
     # Handed over as given, this template would have written "arguments": "{\"city\":...}", a quoted string.
     assert '"arguments": {"city": "Lyon", "days": [1, 2]}}' in qwen25.decode(example["input_ids"])
 
 
-def test_truncation_in_auto_mode_cuts_the_same_tokens(tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"tools": [WEATHER_TOOL], "messages": AGENT_MESSAGES}])
-    [full] = encode(tokenizer, path)
+def test_truncation_in_auto_mode_cuts_the_same_tokens_and_drops_the_same_samples(tokenizer, tmp_path):
+    long_tools = [{"type": "function", "function": {**WEATHER_TOOL["function"], "description": "weather " * 300}}]
+    samples = [{"tools": [WEATHER_TOOL], "messages": AGENT_MESSAGES},
+               {"tools": long_tools, "messages": [USER, {"role": "assistant", "content": "lost"}]}]
+    path = write_jsonl(tmp_path / "d.jsonl", samples)
+    [full, _] = encode(tokenizer, path)
     for lazy in (False, True):
-        [cut] = encode(tokenizer, path, lazy=lazy, model_max_length=200)
+        [cut] = encode(tokenizer, path, lazy=lazy, model_max_length=200)  # the long tool list leaves nothing
         assert cut["input_ids"] == full["input_ids"][:200] and cut["labels"] == full["labels"][:200]
 
 
-def test_what_each_template_does_with_tool_calls_and_reasoning(tokenizer):
-    qwen25 = copy.copy(tokenizer)
-    qwen25.chat_template = QWEN25_STYLE_TEMPLATE
-    assert finetune.probe_template(tokenizer) == finetune.TemplateTraits("as written", writes_reasoning=True)
-    assert finetune.probe_template(qwen25) == finetune.TemplateTraits("quoted", writes_reasoning=False)
+def test_what_each_template_does_with_tool_data(tokenizer):
+    qwen25 = with_template(tokenizer, QWEN25_STYLE_TEMPLATE)
+    assert finetune.probe_template(tokenizer) == finetune.TemplateTraits(
+        writes_tools=True, writes_tool_calls=True, wants_object_arguments=False, writes_reasoning=True)
+    assert finetune.probe_template(qwen25) == finetune.TemplateTraits(
+        writes_tools=True, writes_tool_calls=True, wants_object_arguments=True, writes_reasoning=False)
 
 
-def test_a_template_that_would_drop_tool_calls_or_reasoning_is_not_silent(tokenizer, tmp_path, caplog):
-    plain = copy.copy(tokenizer)  # ChatML turns of content only, like Qwen1.5's template
-    plain.chat_template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+def test_a_template_that_only_takes_object_arguments_gets_them(tokenizer, tmp_path):
+    # Like templates that loop over arguments|items: a string there is an error, not a call the template drops.
+    qwen3 = tokenizer.chat_template
+    start = qwen3.index("{%- if tool_call.arguments is string %}")
+    end = qwen3.index("{%- endif %}", start) + len("{%- endif %}")
+    items = with_template(tokenizer, qwen3[:start] + "{%- for k, v in tool_call.arguments|items %}{{ k }}={{ v }};"
+                                                     "{%- endfor %}" + qwen3[end:])
+    assert finetune.probe_template(items).wants_object_arguments
+    messages = [USER, call('{"city": "Oslo", "days": 2}')]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])
+    [example] = encode(items, path)
+    assert trained_runs(items, example) == ['<tool_call>\n{"name": "get_weather", "arguments": city=Oslo;days=2;}\n'
+                                            "</tool_call><|im_end|>"]
+
+
+def test_a_template_that_would_drop_tool_data_is_not_silent(tokenizer, tmp_path, caplog):
+    plain = with_template(tokenizer, PLAIN_CHATML)  # content only, like Qwen1.5's template
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [USER, call({"city": "Oslo"})]}])
     with pytest.raises(finetune.DataError, match="line 1: has tool calls, which this model's chat template does not"):
         encode(plain, path)
     reasoning = {"role": "assistant", "content": "a", "reasoning_content": "think"}
-    path = write_jsonl(tmp_path / "r.jsonl", [{"messages": [USER, reasoning]}] * 2)
+    path = write_jsonl(tmp_path / "r.jsonl", [{"tools": [WEATHER_TOOL], "messages": [USER, reasoning]}] * 2)
     with caplog.at_level("WARNING", logger="finetune"):
         [example, _] = encode(plain, path)
-    warnings = [r.message for r in caplog.records if "does not write 'reasoning_content'" in r.message]
-    assert len(warnings) == 1 and warnings[0].startswith(f"{path} line 1:")
+    warnings = [r.message for r in caplog.records if "does not write" in r.message]
+    assert len(warnings) == 2 and all(w.startswith(f"{path} line 1:") for w in warnings)  # once each, not per sample
+    assert "does not write 'tools'" in warnings[0] and "does not write 'reasoning_content'" in warnings[1]
     assert trained_runs(plain, example) == ["a<|im_end|>"]
 
 
-def test_template_choice(tokenizer):
+def test_template_choice(tokenizer, tmp_path):
     assert finetune.ChatEncoder(tokenizer, 64).template == "auto"
     assert finetune.ChatEncoder(tokenizer, 64, template="chatml").template == "chatml"
-    plain = copy.copy(tokenizer)
-    plain.chat_template = None
-    assert finetune.ChatEncoder(plain, 64).template == "chatml"  # nothing to follow: plain ChatML
-    plain.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    none = with_template(tokenizer, None)
+    assert finetune.ChatEncoder(none, 64).template == "chatml"  # nothing to follow: plain ChatML
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [USER, call("{}")]}])
+    with pytest.raises(finetune.DataError, match="line 1: has tool calls, which plain ChatML cannot render; this "
+                                                 "tokenizer has no chat template"):
+        encode(none, path)
+    other = with_template(tokenizer, "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
     with pytest.raises(finetune.UserError, match="does not write ChatML turns.*--template chatml"):
-        finetune.ChatEncoder(plain, 64)
+        finetune.ChatEncoder(other, 64)
+    picky = with_template(tokenizer, "{{ raise_exception('a system message is required') }}")
+    with pytest.raises(finetune.UserError, match="fails on a plain user/assistant exchange .*a system message is "
+                                                 "required.*--template chatml"):
+        finetune.ChatEncoder(picky, 64)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,7 +287,7 @@ BAD_TOOL_SAMPLES = {
                            "message 1 tool call 0 is not a JSON object"),
     "tool_calls not a list": ({"messages": [USER, {"role": "assistant", "content": "x", "tool_calls": {"name": "f"}}]},
                               "message 1: 'tool_calls' must be a non-empty list"),
-    "tool_calls on a user": ({"messages": [{**USER, "tool_calls": []}, {"role": "assistant", "content": "a"}]},
+    "tool_calls on a user": ({"messages": [{**USER, "tool_calls": [{}]}, {"role": "assistant", "content": "a"}]},
                              "message 0: 'tool_calls' belongs on assistant messages, not on a user message"),
     "null content, no calls": ({"messages": [USER, {"role": "assistant", "content": None}]},
                                "message 1 has a null 'content' (or 'value') field"),
@@ -259,15 +318,15 @@ def test_malformed_tool_data_names_the_sample(tokenizer, tmp_path, case):
 
 def test_chatml_template_refuses_what_it_cannot_render(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [USER, call("{}")]}])
-    with pytest.raises(finetune.DataError, match=r"line 1: has tool calls, which --template chatml cannot render; "
+    with pytest.raises(finetune.DataError, match=r"line 1: has tool calls, which plain ChatML cannot render; "
                                                  r"use --template auto"):
         encode(tokenizer, path, template="chatml")
 
 
 def test_template_that_raises_is_reported_for_the_sample(tokenizer, tmp_path):
-    strict = copy.copy(tokenizer)
-    strict.chat_template = ("{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tools here') }}"
-                            "{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+    strict = with_template(tokenizer, "{% for m in messages %}{% if m.role == 'tool' %}"
+                                      "{{ raise_exception('no tools here') }}{% endif %}<|im_start|>{{ m.role }}\n"
+                                      "{{ m.content }}<|im_end|>\n{% endfor %}")
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [USER, {"role": "tool", "content": "r"},
                                                             {"role": "assistant", "content": "a"}]}])
     with pytest.raises(finetune.DataError, match=r"line 1: the chat template cannot render it: .*no tools here"):
