@@ -371,7 +371,6 @@ EMPTY_THINKING = re.compile(r"<think>\s*</think>\n*")  # what the Qwen3 template
 # its observation (like OpenAI's older function role) is a tool result.
 ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system",
               "tool": "tool", "function": "tool", "observation": "tool", "function_call": "assistant"}
-TOOL_FEATURES_HELP = "use --template auto (the model's own chat template) for tools, tool calls and reasoning"
 
 
 @dataclass
@@ -732,7 +731,7 @@ class ChatEncoder:
         conversation = parse_sample(sample, where, self.forbidden_tokens)
         if self.template == "chatml" and (feature := conversation.tool_or_reasoning_feature()):
             remedy = "this tokenizer has no chat template to render it with" if self.requested_template == "auto" \
-                else TOOL_FEATURES_HELP
+                else "use --template auto (the model's own chat template) for tools, tool calls and reasoning"
             raise DataError(f"{where}: has {feature}, which plain ChatML cannot render; {remedy}")
         if self.traits:
             self.fit_to_template(conversation)

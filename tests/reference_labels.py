@@ -4,6 +4,9 @@ It renders with `apply_chat_template` (plain ChatML written here, a Qwen2.5-styl
 or the Qwen3 template that ships with the tokenizer) and finds where each token starts from the tokens' own
 byte-level strings, not from the tokenizer's offset mapping that finetune.py uses.
 """
+import copy
+import json
+
 IGNORE = -100
 
 # A Qwen2.5-style ChatML template: the rendering finetune.py must reproduce.
@@ -104,6 +107,19 @@ def expected_labels(tokenizer, text, ids):
         position = body_end
     starts = token_byte_starts(tokenizer, ids)
     return [i if any(s <= b < e for s, e in spans) else IGNORE for i, b in zip(ids, starts)]
+
+
+def template_messages(messages, arguments_as_objects=False):
+    """The messages as apply_chat_template takes them: tool-call-only content as "" (the templates cannot take a
+    null content), and for templates that would quote string arguments, the arguments as objects."""
+    messages = copy.deepcopy(messages)
+    for message in messages:
+        if message.get("content") is None:
+            message["content"] = ""
+        for call in message.get("tool_calls", []) if arguments_as_objects else []:
+            if isinstance(call["function"]["arguments"], str):
+                call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+    return messages
 
 
 def template_ids_and_labels(tokenizer, messages, tools=None, chat_template=None):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 from conftest import ROOT, log_history, run_cli, run_finetune, write_jsonl
-from reference_labels import IGNORE, reference_ids_and_labels, template_ids_and_labels
+from reference_labels import IGNORE, reference_ids_and_labels, template_ids_and_labels, template_messages
 from safetensors.torch import load_file
 
 from tiny_qwen import qwen_tokenizer_dir
@@ -183,8 +183,7 @@ def test_preprocess_only_with_the_models_template_dumps_reasoning_and_tool_calls
     for example, sample in zip(dumped, samples):
         if "messages" not in sample:
             continue  # the ShareGPT sample: its mapping is checked in test_template.py
-        messages = [{**m, "content": m.get("content") or ""} for m in sample["messages"]]  # the template needs a str
-        _, ids, labels = template_ids_and_labels(tokenizer, messages, sample.get("tools"))
+        _, ids, labels = template_ids_and_labels(tokenizer, template_messages(sample["messages"]), sample.get("tools"))
         assert example == {"input_ids": ids, "labels": labels}
 
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 from conftest import write_json, write_jsonl
-from reference_labels import IGNORE, QWEN25_STYLE_TEMPLATE, template_ids_and_labels
+from reference_labels import IGNORE, QWEN25_STYLE_TEMPLATE, template_ids_and_labels, template_messages
 
 import finetune
 
@@ -40,19 +40,6 @@ AGENT_MESSAGES = [
     {"role": "assistant", "reasoning_content": "\nRain in Lyon, sun in Nice.\n",
      "content": "Pluie à Lyon (12 °C), soleil à Nice (21 °C)."},
 ]
-
-
-def template_messages(messages, arguments_as_objects=False):
-    """The messages as apply_chat_template takes them: tool-call-only content as "" (the templates cannot take a
-    null content), and for templates that would quote string arguments, the arguments as objects."""
-    messages = copy.deepcopy(messages)
-    for message in messages:
-        if message.get("content") is None:
-            message["content"] = ""
-        for call in message.get("tool_calls", []) if arguments_as_objects else []:
-            if isinstance(call["function"]["arguments"], str):
-                call["function"]["arguments"] = json.loads(call["function"]["arguments"])
-    return messages
 
 
 PLAIN_CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
