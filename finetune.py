@@ -938,12 +938,16 @@ def make_collator(tokenizer, packing):
 
 
 def load_tokenizer(model_args, training_args):
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path,
-        model_max_length=training_args.model_max_length,
-        padding_side="right",
-        trust_remote_code=model_args.trust_remote_code,
-    )
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            model_args.model_name_or_path,
+            model_max_length=training_args.model_max_length,
+            padding_side="right",
+            trust_remote_code=model_args.trust_remote_code,
+        )
+    except OSError as e:  # a mistyped folder or hub id, or a hub that cannot be reached: the first load to notice
+        raise UserError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load a tokenizer from it "
+                        f"({str(e).splitlines()[0]})") from None
     if tokenizer.pad_token is None:
         # Qwen's pad is <|endoftext|>; the attention mask, not the id, keeps pads out of attention.
         tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token

@@ -187,20 +187,25 @@ def test_preprocess_only_with_the_models_template_dumps_reasoning_and_tool_calls
         assert example == {"input_ids": ids, "labels": labels}
 
 
-@pytest.mark.parametrize("case", ["bad json line", "missing file"])
+@pytest.mark.parametrize("case", ["bad json line", "missing file", "missing model"])
 def test_data_errors_end_with_one_line_and_no_traceback(tmp_path, case):
+    model, data = qwen_tokenizer_dir(), AGENT_DATA
     if case == "bad json line":
         data = tmp_path / "train.jsonl"
         data.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
                         '{"messages": [\n')
         expected = f"error: {data} line 2: not valid JSON"
-        command = ["bash", "finetune_lora.sh", "-m", qwen_tokenizer_dir(), "-d", str(data), "-o", str(tmp_path / "o")]
-    else:
+    elif case == "missing file":
         data = tmp_path / "absent.jsonl"
         expected = f"error: {data}: file not found"
-        command = None
-    result = run_cli(command) if command else run_finetune(
-        ["--model_name_or_path", qwen_tokenizer_dir(), "--data_path", str(data), "--output_dir", str(tmp_path / "o")])
+    else:
+        model = str(tmp_path / "no_such_model")
+        expected = f"error: --model_name_or_path {model}: cannot load a tokenizer from it"
+    if case == "bad json line":  # through the launcher, as users start runs
+        result = run_cli(["bash", "finetune_lora.sh", "-m", model, "-d", str(data), "-o", str(tmp_path / "o")])
+    else:
+        result = run_finetune(["--model_name_or_path", model, "--data_path", str(data), "--output_dir",
+                               str(tmp_path / "o")])
     assert result.returncode == 2
     assert "Traceback" not in result.stderr + result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
