@@ -13,7 +13,9 @@ import torch
 import transformers
 from conftest import ROOT, log_history, run_cli
 from safetensors.torch import load_file
-from test_e2e import DATA, assert_success, base_model, logits_of, train_losses
+from fp32 import assert_fp32_close
+from test_e2e import DATA, assert_adapter_changes_logits, assert_resumed_run_matches, assert_success, base_model, \
+    tokens_per_step, train_losses
 
 from finetune import free_port
 
@@ -43,15 +45,6 @@ def adapter_tensors(folder):
     return load_file(os.path.join(folder, "adapter_model.safetensors"))
 
 
-def assert_changes_outputs(base_path, adapter_dir):
-    import peft
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(adapter_dir)
-    before = logits_of(base_model(base_path), tokenizer)
-    after = logits_of(peft.PeftModel.from_pretrained(base_model(base_path), adapter_dir), tokenizer)
-    assert not torch.allclose(after, before, atol=1e-4)
-
-
 def test_launcher_with_two_processes_runs_ddp_on_sharded_data(tiny_qwen2, tmp_path):
     out = str(tmp_path / "ddp")
     result = run_cli(["bash", "finetune_lora.sh", "-m", tiny_qwen2, "-o", out, "--max_steps", "4",
@@ -62,7 +55,7 @@ def test_launcher_with_two_processes_runs_ddp_on_sharded_data(tiny_qwen2, tmp_pa
     # 8 samples, 2 per process and 2 processes: an epoch every 2 steps, so each rank saw its own half.
     assert [e["epoch"] for e in log_history(out) if "loss" in e] == [0.5, 1.0, 1.5, 2.0]
     assert result.stderr.count("saved the LoRA adapter") == 1  # messages print once, from global rank 0
-    assert_changes_outputs(tiny_qwen2, out)
+    assert_adapter_changes_logits(tiny_qwen2, out)
 
 
 def test_deepspeed_launcher_zero2_lora_follows_the_cosine_flag_and_saves_modules_to_save(tiny_qwen2, tmp_path):
@@ -76,11 +69,11 @@ def test_deepspeed_launcher_zero2_lora_follows_the_cosine_flag_and_saves_modules
     # The logged rate is the schedule's value before each step; a scheduler block in the config would replace it.
     logged = [e["learning_rate"] for e in log_history(out) if "loss" in e]
     cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * step / 6)) for step in range(6)]
-    assert logged == pytest.approx(cosine, rel=1e-6)
+    assert logged == pytest.approx(cosine, rel=1e-12)  # float64 on both sides, the same formula
     tensors = adapter_tensors(out)
     embeddings = [k for k in tensors if k.endswith(("embed_tokens.weight", "lm_head.weight"))]
     assert len(embeddings) == 2 and all(tensors[k].shape == (151680, 64) for k in embeddings)
-    assert_changes_outputs(tiny_qwen2, out)
+    assert_adapter_changes_logits(tiny_qwen2, out)
 
 
 def zero3_lora_run(tiny_qwen2, config, out, *extra):
@@ -105,17 +98,15 @@ def test_zero3_lora_saves_the_complete_adapter_and_resumes(tiny_qwen2, tmp_path)
     engine = {k.replace(".modules_to_save", "").replace(".default", ""): v for k, v in engine.items()}
     assert set(saved) == set(engine)
     for key, value in saved.items():
-        torch.testing.assert_close(value, engine[key], rtol=0, atol=0)
-    assert_changes_outputs(tiny_qwen2, whole)
+        torch.testing.assert_close(value, engine[key], rtol=0, atol=0)  # the same fp32 values, copied
+    assert_adapter_changes_logits(tiny_qwen2, whole)
 
     resumed = str(tmp_path / "resumed")
     shutil.copytree(os.path.join(whole, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
     result = zero3_lora_run(tiny_qwen2, config, resumed, "--resume_from_checkpoint", "true")
     assert_success(result)
     assert "resuming from" in result.stderr
-    assert train_losses(resumed) == pytest.approx(train_losses(whole), rel=1e-5)
-    for key, value in adapter_tensors(resumed).items():
-        torch.testing.assert_close(value, saved[key], rtol=1e-5, atol=1e-6)
+    assert_resumed_run_matches(resumed, whole, 2, "adapter_model.safetensors")
 
 
 def test_zero3_chunked_loss_matches_the_standard_loss(tiny_qwen2, tmp_path):
@@ -126,7 +117,10 @@ def test_zero3_chunked_loss_matches_the_standard_loss(tiny_qwen2, tmp_path):
                                         "--deepspeed", zero3_config(tmp_path), "--max_steps", "3",
                                         "--learning_rate", "1e-2", "--chunked_loss", chunked, *LORA, *RUN)))
         runs[chunked] = train_losses(out)
-    assert len(runs["true"]) == 3 and runs["true"] == pytest.approx(runs["false"], rel=1e-5)
+    assert len(runs["true"]) == 3
+    # Each step's loss sums over its tokens; the two losses' gradients (another chunking) move the weights that
+    # steps 2 and 3 see by their own rounding, which the loss feels only through those tokens again.
+    assert_fp32_close(runs["true"], runs["false"], 3 * tokens_per_step(out), "losses")
 
 
 def test_zero3_full_finetune_saves_a_model_that_reloads_with_trained_weights(tiny_qwen3, tmp_path):
@@ -184,4 +178,4 @@ def test_single_process_qlora_with_deepspeed_zero2_trains_and_saves(tiny_qwen2, 
                       *LORA, *RUN])
     assert_success(result)  # the reference scripts died here on 'DummyOptim' object has no attribute 'step'
     assert len(train_losses(out)) == 3
-    assert_changes_outputs(tiny_qwen2, out)
+    assert_adapter_changes_logits(tiny_qwen2, out)

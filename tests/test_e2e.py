@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 from conftest import ROOT, log_history, run_cli, run_finetune, write_jsonl
+from fp32 import assert_changed_beyond_rounding, assert_fp32_close, backward_depth, forward_depth
 from reference_labels import IGNORE, reference_ids_and_labels, template_ids_and_labels, template_messages
 from safetensors.torch import load_file
 
@@ -32,6 +33,24 @@ def train_losses(output_dir):
     return [entry["loss"] for entry in log_history(output_dir) if "loss" in entry]
 
 
+def tokens_per_step(output_dir):
+    """The most real tokens one optimizer step saw (from the logged running count)."""
+    seen = [0] + [entry["num_input_tokens_seen"] for entry in log_history(output_dir) if "loss" in entry]
+    return max(b - a for a, b in zip(seen, seen[1:]))
+
+
+def assert_resumed_run_matches(resumed, whole, replayed_steps, weights_file):
+    """A resumed run repeats the uninterrupted run's last steps: the same sums, which may only round otherwise
+    (another memory alignment, another thread split): each replayed step's gradient once more."""
+    tokens = tokens_per_step(whole)
+    assert_fp32_close(train_losses(resumed), train_losses(whole), tokens, "losses")  # each a sum over a step
+    expected = load_file(os.path.join(whole, weights_file))
+    got = load_file(os.path.join(resumed, weights_file))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert_fp32_close(got[key], expected[key], backward_depth(tokens) * replayed_steps, key)
+
+
 def assert_loss_falls(output_dir):
     losses = train_losses(output_dir)
     assert len(losses) >= 8
@@ -39,11 +58,22 @@ def assert_loss_falls(output_dir):
     assert last < first - 0.05, losses
 
 
+PROMPT = "<|im_start|>user\nWhat is 12 times 13?<|im_end|>\n<|im_start|>assistant\n"
+
+
 def logits_of(model, tokenizer):
-    ids = tokenizer("<|im_start|>user\nWhat is 12 times 13?<|im_end|>\n<|im_start|>assistant\n",
-                    return_tensors="pt")["input_ids"]
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+def assert_adapter_changes_logits(base_path, adapter_dir):
+    import peft
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(adapter_dir)
+    before = logits_of(base_model(base_path), tokenizer)
+    after = logits_of(peft.PeftModel.from_pretrained(base_model(base_path), adapter_dir), tokenizer)
+    assert_changed_beyond_rounding(after, before, forward_depth(len(tokenizer(PROMPT)["input_ids"])), "logits")
 
 
 def base_model(path):
@@ -51,17 +81,12 @@ def base_model(path):
 
 
 def assert_adapter_changes_the_model(base_path, adapter_dir):
-    import peft
-
     files = set(os.listdir(adapter_dir))
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
     assert not any(f.startswith("model") and f.endswith(".safetensors") for f in files), files  # adapter only
     tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
     assert len(tensors) == 2 * 7 * 2 and all(t.numel() > 0 for t in tensors.values())
-    tokenizer = transformers.AutoTokenizer.from_pretrained(adapter_dir)
-    before = logits_of(base_model(base_path), tokenizer)
-    adapted = peft.PeftModel.from_pretrained(base_model(base_path), adapter_dir)
-    assert not torch.allclose(logits_of(adapted, tokenizer), before, atol=1e-4)
+    assert_adapter_changes_logits(base_path, adapter_dir)
 
 
 def test_full_finetune_of_qwen3_with_packing_writes_a_model_that_reloads_with_trained_weights(tiny_qwen3, tmp_path):
@@ -125,15 +150,9 @@ def test_lora_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends
     assert_success(result)
     assert "resuming from" in result.stderr and "checkpoint-3" in result.stderr
     # The resumed run carries the checkpoint's history (steps 1-3) and logs the same losses for steps 4-6.
-    whole_losses, resumed_losses = train_losses(whole), train_losses(resumed)
-    assert len(resumed_losses) == 6
-    assert resumed_losses == pytest.approx(whole_losses, rel=1e-5)
-
-    expected = load_file(os.path.join(whole, "adapter_model.safetensors"))
+    assert len(train_losses(resumed)) == 6
+    assert_resumed_run_matches(resumed, whole, 3, "adapter_model.safetensors")
     got = load_file(os.path.join(resumed, "adapter_model.safetensors"))
-    assert expected.keys() == got.keys()
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7)
     assert any("lora_B" in key and got[key].abs().sum() > 0 for key in got)  # the adapter did train
 
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 from conftest import make_encoder, write_jsonl
+from fp32 import assert_fp32_close, backward_depth, forward_depth
 from test_model import lora_args, training_args
 
 import finetune
@@ -53,7 +54,8 @@ def test_packed_samples_do_not_see_each_other(request, tmp_path, examples, token
     start, packed_sum, alone_sum, trained = 0, 0.0, 0.0, 0
     for example, logits in zip(examples, alone):
         end = start + len(example["input_ids"])
-        torch.testing.assert_close(packed_logits[start:end], logits, rtol=1e-5, atol=1e-5)
+        # Same sums, other shapes: each logit is behind the forward's chain of sums over this sample.
+        assert_fp32_close(packed_logits[start:end], logits, forward_depth(len(example["input_ids"])), "logits")
         labels = torch.tensor(example["labels"])
         packed_sum += summed_loss(packed_logits[start:end], labels)
         alone_sum += summed_loss(logits, labels)
@@ -62,7 +64,8 @@ def test_packed_samples_do_not_see_each_other(request, tmp_path, examples, token
     # The packed row's own loss (labels of the flattened batch, one mean) equals the mean over separate samples.
     with torch.no_grad():
         packed_loss = model(**packed).loss
-    assert packed_loss.item() == pytest.approx((alone_sum / trained).item(), rel=1e-5)
+    # A mean of `trained` per-token losses (the logits' own rounding is checked above).
+    assert_fp32_close(packed_loss, alone_sum / trained, trained, "loss")
 
 
 def standard_and_chunked(model, batch, num_items_in_batch=None):
@@ -92,10 +95,12 @@ def test_chunked_loss_equals_the_standard_loss_and_gradients(tiny_qwen2, tmp_pat
     batch = finetune.make_collator(tokenizer, packing=kind == "packed")(examples)
     for num_items in (None, 57):  # a micro-batch alone, and one of an accumulated step of 57 trained tokens
         (standard, standard_grads), (chunked, chunked_grads) = standard_and_chunked(model, batch, num_items)
-        assert chunked.item() == pytest.approx(standard.item(), rel=1e-5)
+        trained = int((batch["labels"][:, 1:] != -100).sum())
+        assert_fp32_close(chunked, standard, trained, "loss")  # a sum of `trained` per-token losses, then a division
         assert standard_grads.keys() == chunked_grads.keys() and standard_grads
-        for name in standard_grads:
-            torch.testing.assert_close(chunked_grads[name], standard_grads[name], rtol=1e-5, atol=1e-7)
+        for name in standard_grads:  # other chunk shapes: the gradients sum over the batch's tokens in another order
+            assert_fp32_close(chunked_grads[name], standard_grads[name], backward_depth(batch["input_ids"].numel()),
+                              name)
 
 
 @pytest.mark.parametrize("chunked", [True, False])
@@ -115,7 +120,8 @@ def test_accumulated_step_loss_is_the_mean_over_all_its_trained_tokens(tiny_qwen
                                        processing_class=tokenizer)
     trainer.train()
     logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
-    assert logged["loss"] == pytest.approx(float(sum(sums) / sum(counts)), rel=1e-4)
+    # The Trainer's sum over the step's trained tokens, against ours: the same terms added in another order.
+    assert_fp32_close(logged["loss"], sum(sums) / sum(counts), sum(counts), "loss")
     assert logged["trained_tokens_per_second_per_device"] > 0 and logged["tokens_per_second_per_device"] > 0
 
 
