@@ -19,15 +19,21 @@ The file reads top to bottom in the order a run happens:
 Label rule: only what the assistant says is trained (its reasoning, content and tool calls), plus the
 <|im_end|> that closes each assistant turn; an empty <think></think> block is not trained.
 """
+import fcntl
+import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import signal
+import socket
 import sys
+import tempfile
 import time
 import warnings
+import zipfile
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,6 +52,10 @@ log = logging.getLogger("finetune")
 
 class UserError(Exception):
     """A mistake in the command line or the data: reported in one line, without a traceback."""
+
+
+class RunFailed(Exception):
+    """Training went wrong in a way no flag could have prevented up front (it diverged): one line, exit 1."""
 
 
 class DataError(UserError):
@@ -141,6 +151,18 @@ class TrainingArguments(transformers.TrainingArguments):
                   "logits for every position; false = the model's standard loss."},
     )
     loss_chunk_size: int = field(default=1024, metadata={"help": "Positions per lm_head chunk of the chunked loss."})
+    max_nonfinite_steps: int = field(
+        default=3,
+        metadata={"help": "Stop when this many optimizer steps in a row have a non-finite loss or gradient norm "
+                  "(such a step is skipped, not applied); the result is then not saved."},
+    )
+    # A non-finite loss must show as nan in the logs, not be replaced by the average of the earlier ones.
+    logging_nan_inf_filter: bool = field(default=False, metadata={"help": "Hide non-finite losses in the logs."})
+    resume_on_new_data: bool = field(
+        default=False,
+        metadata={"help": "The newest checkpoint was trained on other data: start from its weights on the new data, "
+                  "with a fresh optimizer, schedule and epoch count, instead of stopping."},
+    )
 
     def __post_init__(self):
         if self.group_by_length:
@@ -204,8 +226,7 @@ def check_arguments(data_args, training_args, lora_args):
         raise UserError("choose one of --bf16 and --fp16")
     if data_args.val_size < 0 or (data_args.val_size and data_args.eval_data_path):
         raise UserError("--val_size must be >= 0 and cannot be combined with --eval_data_path")
-    if training_args.loss_chunk_size < 1:
-        raise UserError(f"--loss_chunk_size must be positive, got {training_args.loss_chunk_size}")
+    check_numbers(training_args, lora_args)
     lora_args.lora_target_modules = split_names(lora_args.lora_target_modules)
     lora_args.lora_modules_to_save = split_names(lora_args.lora_modules_to_save)
     if (lora_args.q_lora or lora_args.lora_weight_path) and not lora_args.use_lora:
@@ -215,54 +236,243 @@ def check_arguments(data_args, training_args, lora_args):
         raise UserError(f"--lora_weight_path {lora_args.lora_weight_path}: no adapter_config.json in that folder")
 
 
+def check_numbers(training_args, lora_args):
+    """Flags whose values cannot work, found now rather than after the model has loaded."""
+    positive = {"per_device_train_batch_size": training_args.per_device_train_batch_size,
+                "per_device_eval_batch_size": training_args.per_device_eval_batch_size,
+                "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+                "loss_chunk_size": training_args.loss_chunk_size,
+                "max_nonfinite_steps": training_args.max_nonfinite_steps,
+                "lora_r": lora_args.lora_r, "lora_alpha": lora_args.lora_alpha}
+    non_negative = {"learning_rate": training_args.learning_rate, "weight_decay": training_args.weight_decay,
+                    "num_train_epochs": training_args.num_train_epochs, "warmup_steps": training_args.warmup_steps,
+                    "max_grad_norm": training_args.max_grad_norm}
+    for name, value in positive.items():
+        if not value > 0:
+            raise UserError(f"--{name} must be positive, got {value}")
+    for name, value in non_negative.items():
+        if not value >= 0:  # also false for nan
+            raise UserError(f"--{name} must be zero or more, got {value}")
+    if not 0 <= lora_args.lora_dropout < 1:
+        raise UserError(f"--lora_dropout must be in [0, 1), got {lora_args.lora_dropout}")
+    if training_args.max_steps == 0 or (training_args.max_steps < 0 and training_args.max_steps != -1):
+        raise UserError(f"--max_steps must be positive (or -1: set by --num_train_epochs), got {training_args.max_steps}")
+
+
 def split_names(items):
     """['q_proj,k_proj', 'v_proj'] -> ['q_proj', 'k_proj', 'v_proj']: both spellings of a list flag work."""
     return [name.strip() for item in items for name in item.split(",") if name.strip()]
 
 
 def newest_complete_checkpoint(output_dir):
-    """The newest checkpoint-N in output_dir that was written to the end and can resume training, or None.
-
-    The Trainer writes trainer_state.json last, so a checkpoint cut short by a crash lacks it (or holds a broken
-    one, or one from another step) and is passed over; so is one saved with --save_only_model, which has no
-    optimizer state (optimizer.pt, or DeepSpeed's global_step* folder)."""
+    """The newest checkpoint-N in output_dir that can resume training, or None; says why it skips newer ones."""
     if not os.path.isdir(output_dir):
         return None
     steps = sorted((int(name.split("-")[1]) for name in os.listdir(output_dir)
                     if name.startswith("checkpoint-") and name.split("-")[1].isdigit()), reverse=True)
     for step in steps:
         folder = os.path.join(output_dir, f"checkpoint-{step}")
-        try:
-            with open(os.path.join(folder, "trainer_state.json")) as f:
-                state = json.load(f)
-        except (OSError, ValueError):
-            continue
-        resumable = any(name == "optimizer.pt" or name.startswith("global_step") for name in os.listdir(folder))
-        if isinstance(state, dict) and state.get("global_step") == step and resumable:
+        problem = checkpoint_problem(folder, step)
+        if problem is None:
             return folder
+        log.warning(f"skipping {folder}: {problem}")
     return None
 
 
-def resolve_resume_checkpoint(training_args):
-    """Where training starts. By default, the newest complete checkpoint in output_dir, so that repeating the
-    command of an interrupted run continues it; --resume_from_checkpoint takes a folder, true (a checkpoint must
-    exist) or false; --overwrite_output_dir starts afresh."""
+def checkpoint_problem(folder, step=None):
+    """Why this checkpoint cannot resume training, or None, judged on its content: a trainer_state.json that names
+    its step (the Trainer writes it last, so a save cut short lacks it), weights and optimizer state present, and
+    every weights and torch file complete (safetensors headers against file sizes, torch archives readable)."""
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            state = json.load(f)
+    except OSError:
+        return "it has no trainer_state.json (its save did not finish)"
+    except ValueError:
+        return "its trainer_state.json is not valid JSON"
+    if not isinstance(state, dict) or (step is not None and state.get("global_step") != step):
+        return f"its trainer_state.json does not name step {step}"
+    names = set(os.listdir(folder))
+    deepspeed_states = [name for name in names if name.startswith("global_step")]
+    if not deepspeed_states and not any(name.endswith((".safetensors", ".bin")) and name != "training_args.bin"
+                                        for name in names):
+        return "it holds no model or adapter weights"
+    if "optimizer.pt" not in names and not deepspeed_states:
+        return "it holds no optimizer state (saved with --save_only_model?)"
+    if "model.safetensors.index.json" in names:
+        with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+            missing = set(json.load(f).get("weight_map", {}).values()) - names
+        if missing:
+            return f"{sorted(missing)[0]} is missing"
+    files = [os.path.join(folder, name) for name in sorted(names)]
+    files += [os.path.join(folder, d, name) for d in deepspeed_states if os.path.isdir(os.path.join(folder, d))
+              for name in sorted(os.listdir(os.path.join(folder, d)))]
+    for path in files:
+        problem = weights_file_problem(path)
+        if problem:
+            return f"{os.path.relpath(path, folder)} {problem}"
+    return None
+
+
+def weights_file_problem(path):
+    """Why a .safetensors or torch file (.pt, .pth, .bin) is not complete, or None; reads headers, never tensors."""
+    if path.endswith(".safetensors"):
+        size = os.path.getsize(path)
+        try:
+            with open(path, "rb") as f:
+                header_size = int.from_bytes(f.read(8), "little")
+                if header_size > size - 8:
+                    return "is truncated"
+                header = json.loads(f.read(header_size))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return "has a broken header"
+        return None if 8 + header_size + end == size else f"is truncated ({size:,} of {8 + header_size + end:,} bytes)"
+    if path.endswith((".pt", ".pth", ".bin")):
+        try:
+            with zipfile.ZipFile(path) as archive:  # torch.save writes a zip archive; its directory comes last
+                members = archive.infolist()
+        except (zipfile.BadZipFile, OSError):
+            return "is truncated or corrupt"
+        if any(m.header_offset + m.compress_size > os.path.getsize(path) for m in members):
+            return "is truncated"
+    return None
+
+
+def check_checkpoint_fits(folder, model_args, lora_args):
+    """A checkpoint trained with other LoRA flags or another model cannot be resumed: say which flag differs."""
+    afresh = "or start afresh with --overwrite_output_dir true"
+    adapter_config = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(adapter_config):
+        if lora_args.use_lora:
+            raise UserError(f"{folder} holds a full fine-tune, but this run trains a LoRA adapter (--use_lora); "
+                            f"drop --use_lora to resume it, {afresh}")
+        return
+    if not lora_args.use_lora:
+        raise UserError(f"{folder} holds a LoRA adapter, but this run fine-tunes every weight; add --use_lora true "
+                        f"to resume it, {afresh}")
+    with open(adapter_config) as f:
+        config = json.load(f)
+    if not lora_args.lora_weight_path:
+        for flag, key in (("lora_r", "r"), ("lora_alpha", "lora_alpha")):
+            if key in config and config[key] != getattr(lora_args, flag):
+                raise UserError(f"{folder} was trained with --{flag} {config[key]}, this run asks for "
+                                f"--{flag} {getattr(lora_args, flag)}; use the same value to resume it, {afresh}")
+    base = config.get("base_model_name_or_path")
+    if base and not same_model(base, model_args.model_name_or_path):
+        raise UserError(f"{folder} adapts {base}, but this run's --model_name_or_path is "
+                        f"{model_args.model_name_or_path}; use that model to resume it, {afresh}")
+
+
+def same_model(a, b):
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def data_fingerprint(paths):
+    """A content hash of the training data: every source's bytes, in order (not names or dates). A checkpoint
+    records it, so that a resume on changed data is noticed."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{os.path.getsize(path)}:".encode())  # where one source ends and the next begins
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def recorded_fingerprint(folder):
+    with open(os.path.join(folder, "trainer_state.json")) as f:
+        state = json.load(f)
+    return state.get("stateful_callbacks", {}).get(RecordTrainingData.__name__, {}).get("args", {}).get("fingerprint")
+
+
+def resolve_resume_checkpoint(training_args, model_args=None, lora_args=None, fingerprint=None):
+    """(checkpoint to resume from, checkpoint to take only the weights from): where training starts.
+
+    By default, the newest complete checkpoint in output_dir, so that repeating the command of an interrupted run
+    continues it; --resume_from_checkpoint takes a folder, true (a checkpoint must exist) or false;
+    --overwrite_output_dir starts afresh. A checkpoint trained on other data is refused, or with
+    --resume_on_new_data only its weights are taken."""
     value = (training_args.resume_from_checkpoint or "").strip()
     explicit = value.lower() not in ("", "true", "yes", "1", "false", "no", "0")
     if explicit and training_args.overwrite_output_dir:
         raise UserError("--resume_from_checkpoint FOLDER and --overwrite_output_dir contradict each other; keep one")
     if value.lower() in ("false", "no", "0") or training_args.overwrite_output_dir:
-        return None
-    if value and value.lower() not in ("true", "yes", "1"):
+        return None, None
+    if explicit:
         if not os.path.isdir(value):
             raise UserError(f"--resume_from_checkpoint {value}: no such folder")
-        return value
-    newest = newest_complete_checkpoint(training_args.output_dir)
-    if newest is None and value:
-        raise UserError(
-            f"--resume_from_checkpoint true: no complete checkpoint-* folder in --output_dir {training_args.output_dir}"
-        )
-    return newest
+        if problem := checkpoint_problem(value):
+            raise UserError(f"--resume_from_checkpoint {value}: cannot resume from it: {problem}")
+        checkpoint = value
+    else:
+        checkpoint = newest_complete_checkpoint(training_args.output_dir)
+        if checkpoint is None:
+            if value:
+                raise UserError(f"--resume_from_checkpoint true: no complete checkpoint-* folder in --output_dir "
+                                f"{training_args.output_dir}")
+            return None, None
+    if model_args is not None:
+        check_checkpoint_fits(checkpoint, model_args, lora_args)
+    recorded = recorded_fingerprint(checkpoint)
+    if fingerprint is None or recorded is None or recorded == fingerprint:
+        return checkpoint, None
+    if training_args.resume_on_new_data:
+        return None, checkpoint
+    raise UserError(f"{checkpoint} was trained on other data than --data_path now holds (content hash "
+                    f"{recorded[:12]} then, {fingerprint[:12]} now); start afresh with --overwrite_output_dir true, "
+                    "or continue from its weights on the new data with --resume_on_new_data true")
+
+
+def claim_output_dir(output_dir, model_path):
+    """A folder this run can write, that is not the model it starts from, and that no other run is using."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"--output_dir {output_dir} is a file, not a folder")
+    if os.path.isdir(model_path) and os.path.realpath(model_path) == os.path.realpath(output_dir):
+        raise UserError(f"--output_dir {output_dir} is the model folder: the result would overwrite the model it "
+                        "starts from; choose another folder")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        raise UserError(f"--output_dir {output_dir}: cannot write there ({e.strerror})") from None
+    lock_output_dir(output_dir)
+
+
+OUTPUT_LOCK = ".finetune.lock"
+_held_lock = None  # the open lock file: the kernel releases it when this process ends, however it ends
+
+
+def lock_output_dir(output_dir):
+    """One run per output folder: the second stops and names the first; a lock left by a dead run is taken over."""
+    global _held_lock
+    path = os.path.join(output_dir, OUTPUT_LOCK)
+    lock = open(path, "a+")
+    lock.seek(0)
+    holder = lock.read().strip()
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise UserError(f"--output_dir {output_dir} is in use by another run ({holder or 'holder unknown'}); wait "
+                        "for it to end or choose another folder") from None
+    if holder:
+        log.info(f"{output_dir}: taking over the lock of a run that ended without releasing it ({holder})")
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    lock.flush()
+    _held_lock = lock
+
+
+def release_output_dir():
+    global _held_lock
+    if _held_lock is not None:
+        os.remove(_held_lock.name)
+        _held_lock.close()
+        _held_lock = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -295,8 +505,6 @@ def prepare_launch_environment(argv):
 
 
 def free_port():
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -343,6 +551,21 @@ def agreed_by_all_ranks(decide, *args):
     return value
 
 
+def any_rank(flag, device):
+    """True on every rank when `flag` is true on any (all ranks must call it together)."""
+    if not in_process_group():
+        return bool(flag)
+    tensor = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def weights_are_finite(model, device):
+    """Whether every trainable weight is finite, on every rank. ZeRO-3: a rank holds only its partition."""
+    finite = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in model.parameters() if p.requires_grad)
+    return not any_rank(not finite, device)
+
+
 def gather_trainable_state_dict(model, keep):
     """The trainable parameters at full shape, on the CPU where `keep` is true (None elsewhere); every rank must
     call it.
@@ -380,6 +603,11 @@ class Conversation:
     messages: list
     tools: Optional[list] = None  # function definitions, as {"type": "function", "function": {...}}
     where: str = ""  # file and line or sample, for messages about it
+
+    def has_empty_assistant_message(self):
+        """An assistant message with nothing in it: only its <|im_end|> is trained (worth a notice, not an error)."""
+        return any(m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls")
+                   and not m.get("reasoning_content") for m in self.messages)
 
     def tool_or_reasoning_feature(self):
         """Name of the first feature plain ChatML cannot render, or None."""
@@ -419,11 +647,16 @@ def iter_raw_samples(path):
     For JSON Lines, `offset` is the byte offset of the sample's line (what the lazy dataset keeps);
     for a JSON array it is the sample's index."""
     if detect_format(path) == "json":
-        with open(path, encoding="utf-8-sig") as f:
-            try:
-                samples = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path} line {line}: not UTF-8 (byte 0x{raw[e.start]:02x})") from None
+        samples = parse_json(text, path, with_line=True)
+        if not isinstance(samples, list):
+            raise DataError(f"{path}: expected a JSON array of samples")
         for index, sample in enumerate(samples):
             yield f"{path} sample {index}", sample, index
         return
@@ -431,23 +664,28 @@ def iter_raw_samples(path):
         offset = 0
         for line_number, line in enumerate(f, start=1):
             if line.strip():
-                yield f"{path} line {line_number}", parse_json_line(line, f"{path} line {line_number}"), offset
+                yield f"{path} line {line_number}", parse_json(line, f"{path} line {line_number}"), offset
             offset += len(line)
 
 
-def parse_json_line(line, where):
-    try:
-        return json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        detail = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-        raise DataError(f"{where}: not valid JSON ({detail})") from None
+def refuse_constant(name):
+    raise ValueError(f"{name} is not a JSON value")
 
 
-def parse_json_value(text, where):
+def parse_json(text, where, with_line=False):
+    """json.loads, with every way a text can fail as one DataError naming `where`: bad syntax, bytes that are not
+    UTF-8, NaN/Infinity (which Python's json would accept), nesting too deep, numbers too long."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=refuse_constant)
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        detail = f"{e.msg} at {f'line {e.lineno} column {e.colno}' if with_line else f'column {e.colno}'}"
+    except UnicodeDecodeError:
+        detail = "not UTF-8"
+    except RecursionError:
+        detail = "nested too deeply"
+    except ValueError as e:  # refuse_constant, and integers of thousands of digits
+        detail = first_line(e)
+    raise DataError(f"{where}: not valid JSON ({detail})")
 
 
 def parse_sample(sample, where, forbidden_tokens):
@@ -465,13 +703,15 @@ def parse_sample(sample, where, forbidden_tokens):
     if system is not None:
         if not isinstance(system, str):
             raise DataError(f"{where}: the 'system' field must be a string, got {type(system).__name__}")
-        check_no_control_tokens(system, f"{where}: the 'system' field", forbidden_tokens)
+        check_text(system, f"{where}: the 'system' field", forbidden_tokens)
     if messages[0]["role"] == "system":
         if system is not None:
             raise DataError(f"{where}: has both a 'system' field and a leading system message; keep one")
         system = messages.pop(0)["content"]
     if not any(message["role"] == "assistant" for message in messages):
         raise DataError(f"{where}: no assistant message, so nothing to train on")
+    if not any(is_trained(message) for message in messages):
+        raise DataError(f"{where}: every assistant message has 'weight' 0, so nothing to train on")
     return Conversation(system, messages, parse_tools(sample.get("tools"), where, forbidden_tokens), where)
 
 
@@ -488,7 +728,7 @@ def parse_message(turn, where, forbidden_tokens):
         raise DataError(f"{where} has unknown role {role!r} (expected one of: {', '.join(ROLE_NAMES)})")
     message = {"role": ROLE_NAMES[role]}
     if role == "function_call":  # ShareGPT: the value is the call, or a list of calls, as JSON
-        calls = parse_json_value(text, f"{where}: its function_call value") if isinstance(text, str) else text
+        calls = parse_json(text, f"{where}: its function_call value") if isinstance(text, str) else text
         message["content"], message["tool_calls"] = "", parse_tool_calls(
             calls if isinstance(calls, list) else [calls], where, forbidden_tokens)
         return message
@@ -509,13 +749,19 @@ def parse_message(turn, where, forbidden_tokens):
         else:
             problem = f"has a non-string ({type(text).__name__})"
         raise DataError(f"{where} {problem} 'content' (or 'value') field")
-    check_no_control_tokens(text, where, forbidden_tokens)
+    check_text(text, where, forbidden_tokens)
     message["content"] = text
+    weight = turn.get("weight")
+    if weight is not None:  # OpenAI's fine-tuning format: weight 0 keeps an assistant message out of training
+        if message["role"] != "assistant" or weight not in (0, 1) or isinstance(weight, bool):
+            raise DataError(f"{where}: 'weight' must be 0 or 1, on assistant messages only; got {weight!r} on a "
+                            f"{role} message")
+        message["weight"] = weight
     reasoning = turn.get("reasoning_content")
     if reasoning is not None:
         if not isinstance(reasoning, str):
             raise DataError(f"{where}: 'reasoning_content' must be a string, got {type(reasoning).__name__}")
-        check_no_control_tokens(reasoning, f"{where}: its 'reasoning_content'", forbidden_tokens)
+        check_text(reasoning, f"{where}: its 'reasoning_content'", forbidden_tokens)
         message["reasoning_content"] = reasoning
     return message
 
@@ -534,13 +780,13 @@ def parse_tool_calls(calls, where, forbidden_tokens):
         name, arguments = function.get("name"), function.get("arguments")
         if not isinstance(name, str) or not name.strip():
             raise DataError(f"{at} has no function 'name'")
-        parsed_arguments = parse_json_value(arguments, f"{at} 'arguments'") if isinstance(arguments, str) else arguments
+        parsed_arguments = parse_json(arguments, f"{at} 'arguments'") if isinstance(arguments, str) else arguments
         if not isinstance(parsed_arguments, dict):
             got = "nothing" if parsed_arguments is None else type(parsed_arguments).__name__
             raise DataError(f"{at}: 'arguments' must be a JSON object (or a string holding one), got {got}")
         # Both spellings: the template may write the string as given or the parsed object (where "\u003c" is "<").
         written = json.dumps([name, arguments, parsed_arguments], ensure_ascii=False)
-        check_no_control_tokens(written, at, forbidden_tokens)
+        check_text(written, at, forbidden_tokens)
         parsed.append({"type": "function", "function": {"name": name, "arguments": arguments}})
     return parsed
 
@@ -549,7 +795,7 @@ def parse_tools(tools, where, forbidden_tokens):
     """The sample's function definitions, each as {"type": "function", "function": {...}} (the form inference
     servers pass to the template); a bare definition, as ShareGPT files hold, is wrapped so."""
     if isinstance(tools, str):  # ShareGPT files keep them as a JSON string
-        tools = parse_json_value(tools, f"{where}: 'tools'") if tools.strip() else None
+        tools = parse_json(tools, f"{where}: 'tools'") if tools.strip() else None
     if not tools:
         return None
     if not isinstance(tools, list):
@@ -562,12 +808,23 @@ def parse_tools(tools, where, forbidden_tokens):
         if "function" not in tool:
             tool = {"type": "function", "function": tool}
         parsed.append(tool if "type" in tool else {"type": "function", **tool})
-    check_no_control_tokens(json.dumps(parsed, ensure_ascii=False), f"{where}: 'tools'", forbidden_tokens)
+    check_text(json.dumps(parsed, ensure_ascii=False), f"{where}: 'tools'", forbidden_tokens)
     return parsed
 
 
-def check_no_control_tokens(text, where, forbidden_tokens):
-    """Text that spells a control token would be tokenized as that token: refuse it instead of training on it."""
+def is_trained(message):
+    return message["role"] == "assistant" and message.get("weight", 1) == 1
+
+
+def check_text(text, where, forbidden_tokens):
+    """Refuse text that cannot be tokenized as written: a lone surrogate (half of an emoji's escape, which no
+    encoding can write) or a control token spelt out (it would be tokenized as that token)."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{where} holds a lone surrogate {text[e.start]!r} at character {e.start}, which is not "
+                            "text (half of an escaped emoji?)") from None
     for token in forbidden_tokens:
         if token in text:
             raise DataError(f"{where} contains the control token {token!r}, which plain text must not hold")
@@ -575,16 +832,16 @@ def check_no_control_tokens(text, where, forbidden_tokens):
 
 def render_chatml(conversation, default_system):
     """ChatML text of a conversation and the character spans to train: each assistant content plus its <|im_end|>."""
-    turns = [(m["role"], m["content"]) for m in conversation.messages]
-    if conversation.system is not None:  # the sample's own system message is a turn even when empty
-        turns = [("system", conversation.system)] + turns
-    elif default_system:
-        turns = [("system", default_system)] + turns
+    turns = conversation.messages
+    system = conversation.system if conversation.system is not None else default_system or None
+    if system is not None:  # the sample's own system message is a turn even when empty
+        turns = [{"role": "system", "content": system}] + turns
     pieces, trained_spans, length = [], [], 0
-    for role, content in turns:
+    for message in turns:
+        role, content = message["role"], message["content"]
         header = f"<|im_start|>{role}\n"
         turn = f"{header}{content}{TURN_END}\n"
-        if role == "assistant":
+        if is_trained(message):
             start = length + len(header)
             trained_spans.append((start, start + len(content) + len(TURN_END)))
         pieces.append(turn)
@@ -620,12 +877,12 @@ def assistant_spans(text, conversation):
         empty_thinking = EMPTY_THINKING.match(text, start)
         spans.append((empty_thinking.end() if empty_thinking else start, end + len(TURN_END)))
         position = end
-    expected = sum(message["role"] == "assistant" for message in conversation.messages)
-    if len(spans) != expected:
+    assistants = [message for message in conversation.messages if message["role"] == "assistant"]
+    if len(spans) != len(assistants):
         raise DataError(f"{conversation.where}: the chat template wrote {len(spans)} complete assistant turns for "
-                        f"{expected} assistant messages, so what to train is unclear (--template chatml renders "
-                        "samples without tool data as plain ChatML)")
-    return spans
+                        f"{len(assistants)} assistant messages, so what to train is unclear (--template chatml "
+                        "renders samples without tool data as plain ChatML)")
+    return [span for span, message in zip(spans, assistants) if is_trained(message)]
 
 
 def resolve_template(tokenizer, template):
@@ -725,7 +982,11 @@ class ChatEncoder:
         self.system_message = system_message
         # Every special token is a control token: plain text spelling one would silently become it.
         self.forbidden_tokens = sorted(set(tokenizer.all_special_tokens))
-        check_no_control_tokens(self.system_message or "", "--system_message", self.forbidden_tokens)
+        # No token spans more characters than the vocabulary's longest entry has bytes: text beyond twice that many
+        # characters per kept token can never reach the model, so a huge sample is cut before it is tokenized
+        # (the margin keeps the tokenizer's view of the words around the cut from reaching the kept tokens).
+        self.max_chars = 2 * model_max_length * max(len(token) for token in tokenizer.get_vocab())
+        check_text(self.system_message or "", "--system_message", self.forbidden_tokens)
 
     def parse(self, sample, where):
         conversation = parse_sample(sample, where, self.forbidden_tokens)
@@ -775,7 +1036,8 @@ class ChatEncoder:
         """[(example or None, its length in tokens before truncation)] for a batch of conversations."""
         rendered = [self.render(c) for c in conversations]
         batch = self.tokenizer(
-            [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True, verbose=False
+            [text[: self.max_chars] for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True,
+            verbose=False,
         )
         examples = []
         for ids, offsets, (_, spans) in zip(batch["input_ids"], batch["offset_mapping"], rendered):
@@ -795,6 +1057,7 @@ class ChatEncoder:
 
 
 DROP_REASON_TRUNCATED = "no trained token within --model_max_length"
+NOTICE_EMPTY_ASSISTANT = "an empty assistant message (only its <|im_end|> is trained)"
 
 
 def as_lists(example):
@@ -806,11 +1069,12 @@ class SupervisedDataset(Dataset):
     """Reads, checks and tokenizes every sample up front, in batched fast-tokenizer calls."""
 
     def __init__(self, path, encoder, batch_size=1000):
-        self.examples, self.dropped = [], Counter()
+        self.examples, self.dropped, self.notices = [], Counter(), Counter()
         self.full_lengths = array("i")  # every sample's length before truncation, dropped ones included
         batch = []
         for where, sample, _ in iter_raw_samples(path):
             batch.append(encoder.parse(sample, where))
+            self.notices[NOTICE_EMPTY_ASSISTANT] += batch[-1].has_empty_assistant_message()
             if len(batch) == batch_size:
                 self._add(encoder.encode_with_lengths(batch))
                 batch = []
@@ -845,13 +1109,14 @@ class LazySupervisedDataset(Dataset):
     parsed samples (a JSON array has to be parsed whole, so there the parsed samples are kept)."""
 
     def __init__(self, path, encoder):
-        self.path, self.encoder, self.dropped = path, encoder, Counter()
+        self.path, self.encoder, self.dropped, self.notices = path, encoder, Counter(), Counter()
         self.is_jsonl = detect_format(path) == "jsonl"
         self.samples = None if self.is_jsonl else []
         self.locations = array("q")  # byte offset (JSONL) or index into self.samples (JSON) of each kept sample
         self.lengths = array("i")  # rendered characters, capped at the token limit: an estimate for grouping
         for where, sample, location in iter_raw_samples(path):
             conversation = encoder.parse(sample, where)
+            self.notices[NOTICE_EMPTY_ASSISTANT] += conversation.has_empty_assistant_message()
             text, spans = encoder.render(conversation)
             if not encoder.surely_keeps_a_trained_token(text, spans) and encoder.encode([conversation])[0] is None:
                 self.dropped[DROP_REASON_TRUNCATED] += 1
@@ -873,7 +1138,7 @@ class LazySupervisedDataset(Dataset):
             with open(self.path, "rb") as f:
                 f.seek(location)
                 where = f"{self.path} at byte {location}"
-                sample = parse_json_line(f.readline(), where)
+                sample = parse_json(f.readline(), where)
         else:
             where, sample = f"{self.path} sample {location}", self.samples[location]
         return as_lists(self.encoder.encode([self.encoder.parse(sample, where)])[0])
@@ -885,6 +1150,9 @@ def make_dataset(path, encoder, lazy):
     if dropped:
         reasons = ", ".join(f"{count} with {reason}" for reason, count in dataset.dropped.items())
         log.warning(f"{path}: dropped {dropped} sample(s): {reasons}")
+    for notice, count in dataset.notices.items():
+        if count:
+            log.warning(f"{path}: {count} sample(s) with {notice}")
     if len(dataset) == 0:
         raise DataError(f"{path}: every sample was dropped ({DROP_REASON_TRUNCATED}); raise --model_max_length")
     log.info(f"{path}: {len(dataset)} samples kept, {dropped} dropped")
@@ -967,6 +1235,7 @@ def describe_dataset(dataset):
     trained = sum(int((e["labels"] != IGNORE_INDEX).sum()) for e in dataset.examples)
     lines = [f"samples kept: {len(dataset)}", f"samples dropped: {sum(dataset.dropped.values())}"]
     lines += [f"  {count} with {reason}" for reason, count in dataset.dropped.items()]
+    lines += [f"notice: {count} sample(s) with {notice}" for notice, count in dataset.notices.items() if count]
     if len(lengths):
         lines += [
             f"tokens: {lengths.sum()} in all, {trained} trained ({100 * trained / lengths.sum():.1f}%)",
@@ -1036,6 +1305,34 @@ def compute_dtype(training_args):
     return torch.float32
 
 
+def check_model_files(model_args):
+    """A model folder with no config, an unknown model type, or missing or truncated weights: one line, before the
+    data is tokenized, instead of a traceback after it."""
+    path = model_args.model_name_or_path
+    try:
+        transformers.AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"--model_name_or_path {path}: cannot load its config ({first_line(e)})") from None
+    if not os.path.isdir(path):
+        return  # a hub id: the hub's files are checked by the download
+    names = set(os.listdir(path))
+    weights = sorted(n for n in names if n.endswith((".safetensors", ".bin")) and n != "training_args.bin")
+    if not weights:
+        raise UserError(f"--model_name_or_path {path}: no model weights (*.safetensors) in that folder")
+    for index in (n for n in names if n.endswith(".index.json")):
+        with open(os.path.join(path, index)) as f:
+            missing = sorted(set(json.load(f).get("weight_map", {}).values()) - names)
+        if missing:
+            raise UserError(f"--model_name_or_path {path}: {missing[0]} (listed in {index}) is missing")
+    for name in weights:
+        if problem := weights_file_problem(os.path.join(path, name)):
+            raise UserError(f"--model_name_or_path {path}: {name} {problem}")
+
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def load_model(model_args, training_args, lora_args):
     dtype = compute_dtype(training_args)
     load_kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code}
@@ -1050,7 +1347,11 @@ def load_model(model_args, training_args, lora_args):
         )
         # A quantized model cannot be moved after loading: put it on this process's device right away.
         load_kwargs["device_map"] = {"": training_args.device}
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **load_kwargs)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **load_kwargs)
+    except (OSError, ValueError, KeyError) as e:  # files the start-up check could not see (a hub download)
+        raise UserError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load the model "
+                        f"({first_line(e)})") from None
     model.config.use_cache = False  # the cache only costs memory in training
 
     if lora_args.use_lora:
@@ -1143,9 +1444,11 @@ class ChunkedCausalLMLoss:
 
 
 class StopOnSignal(transformers.TrainerCallback):
-    """SIGTERM (what a cluster sends before it preempts a job) or Ctrl-C: finish the step, write a checkpoint and
-    stop, so that repeating the command resumes there. A second Ctrl-C ends the process at once; a repeated
-    SIGTERM does not (schedulers and launchers often both send one)."""
+    """SIGTERM (what a cluster sends before it preempts a job) or Ctrl-C: stop at the next micro-batch, drop the
+    unfinished gradient accumulation and write the checkpoint of the last completed optimizer step at once (the
+    weights are still those of that step), so that it is on disk within a launcher's grace period and repeating
+    the command resumes there. A second Ctrl-C ends the process at once; a repeated SIGTERM does not (schedulers
+    and launchers often both send one)."""
 
     def __init__(self):
         self.signal_name, self.stopped_at_step, self._previous = None, None, {}
@@ -1166,21 +1469,67 @@ class StopOnSignal(transformers.TrainerCallback):
         if signum == signal.SIGINT:
             signal.signal(signum, signal.SIG_DFL)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self._any_rank_signalled(args):
-            control.should_save = True
-            control.should_training_stop = True
-            self.stopped_at_step = state.global_step
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._stop_if_signalled(args, state, control)
 
-    def _any_rank_signalled(self, args):
-        """Every rank must stop at the same step, or the others would wait for it forever."""
-        stop = self.signal_name is not None
-        if in_process_group():
-            flag = torch.tensor([float(stop)], device=args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop = bool(flag.item())
-            self.signal_name = self.signal_name or ("SIGTERM" if stop else None)
-        return stop
+    def on_step_end(self, args, state, control, **kwargs):
+        self._stop_if_signalled(args, state, control)
+
+    def _stop_if_signalled(self, args, state, control):
+        if not any_rank(self.signal_name is not None, args.device):  # every rank stops at the same micro-batch
+            return
+        self.signal_name = self.signal_name or "SIGTERM"
+        control.should_training_stop = True
+        control.should_evaluate = False  # the grace period is for the checkpoint
+        control.should_save = state.global_step > 0
+        self.stopped_at_step = state.global_step
+
+
+class StopOnDivergence(transformers.TrainerCallback):
+    """A step whose loss or gradient norm is not finite is skipped (its gradients dropped before the optimizer
+    sees them) and never checkpointed; `limit` such steps in a row stop training, and the result is not saved.
+
+    Under DeepSpeed the engine steps inside backward, so there the step cannot be skipped: the weights turn
+    non-finite, every following step counts, and the run stops with the last good checkpoint as its result."""
+
+    def __init__(self, limit):
+        self.limit, self.in_a_row, self.first_bad_step = limit, 0, None
+        self.loss_finite = True  # of every micro-batch of the current step, on this rank
+        self.grad_norm = None
+        self.stopped = False
+
+    def note_loss(self, loss):
+        self.loss_finite = self.loss_finite and bool(torch.isfinite(loss).all())
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        bad = not self.loss_finite or (self.grad_norm is not None and not math.isfinite(self.grad_norm))
+        self.step_is_bad = any_rank(bad, args.device)
+        if self.step_is_bad and model is not None:
+            model.zero_grad(set_to_none=True)  # torch optimizers skip parameters without a gradient
+
+    def on_step_end(self, args, state, control, **kwargs):
+        bad, self.loss_finite, self.grad_norm = getattr(self, "step_is_bad", False), True, None
+        self.step_is_bad = False
+        if not bad:
+            self.in_a_row, self.first_bad_step = 0, None
+            return
+        self.in_a_row += 1
+        self.first_bad_step = self.first_bad_step or state.global_step
+        control.should_save = False  # never checkpoint a step that went wrong
+        log.warning(f"step {state.global_step}: the loss or gradient norm is not finite; the step is skipped "
+                    f"({self.in_a_row} in a row, --max_nonfinite_steps {self.limit})")
+        if self.in_a_row >= self.limit:
+            control.should_training_stop, self.stopped = True, True
+
+
+class RecordTrainingData(transformers.TrainerCallback, transformers.trainer_callback.ExportableState):
+    """Writes the training data's content hash into every checkpoint's trainer_state.json, for resume to compare."""
+
+    def __init__(self, fingerprint):
+        self.fingerprint = fingerprint
+
+    def state(self):
+        return {"args": {"fingerprint": self.fingerprint}, "attributes": {}}
 
 
 def plot_training_curves(log_history, path):
@@ -1199,7 +1548,8 @@ def plot_training_curves(log_history, path):
         if points:
             loss_axes.plot(*zip(*points), marker="o" if key == "eval_loss" else None, markersize=3, label=label)
     loss_axes.set_ylabel("loss")
-    loss_axes.legend()
+    if loss_axes.lines:  # a run too short to log a loss has nothing to name
+        loss_axes.legend()
     loss_axes.grid(alpha=0.3)
     if series("learning_rate"):
         lr_axes.plot(*zip(*series("learning_rate")), color="tab:green")
@@ -1223,6 +1573,8 @@ class FinetuneTrainer(transformers.Trainer):
                         "launchers (one process per GPU) to keep it")
         elif self.args.chunked_loss:
             self.compute_loss_func = ChunkedCausalLMLoss(self.model, self.args.loss_chunk_size)
+        self.divergence = StopOnDivergence(self.args.max_nonfinite_steps)
+        self.add_callback(self.divergence)
         self._tokens = self._trained_tokens = 0  # this device's, since the last log
         self._total_tokens = self._total_trained_tokens = 0
         self._window_start = None  # first training step after the previous log
@@ -1238,6 +1590,18 @@ class FinetuneTrainer(transformers.Trainer):
             no_positions = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
             inputs = {**inputs, "logits_to_keep": no_positions}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.divergence.note_loss(loss)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # transformers 5.x: the Trainer's hook for the step's gradient norm (after clipping computes it); we note it
+        # for StopOnDivergence, which no callback argument carries.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self.divergence.grad_norm = None if grad_norm is None else float(grad_norm)
+        return grad_norm
 
     def log(self, logs, *args, **kwargs):
         """Add this device's tokens/s and trained tokens/s to every training log and to the final summary."""
@@ -1290,9 +1654,17 @@ class FinetuneTrainer(transformers.Trainer):
 
 def train(argv=None):
     model_args, data_args, training_args, lora_args = parse_arguments(argv)
-    resume_from = agreed_by_all_ranks(resolve_resume_checkpoint, training_args)
+    agreed_by_all_ranks(claim_output_dir, training_args.output_dir, model_args.model_name_or_path)
+    fingerprint = agreed_by_all_ranks(data_fingerprint, [data_args.data_path]) if not data_args.preprocess_only \
+        else None
+    resume_from, weights_from = agreed_by_all_ranks(resolve_resume_checkpoint, training_args, model_args, lora_args,
+                                                    fingerprint)
+    if weights_from:
+        start_from_weights_of(weights_from, model_args, lora_args)
 
     tokenizer = load_tokenizer(model_args, training_args)
+    if not data_args.preprocess_only:
+        check_model_files(model_args)
     encoder = ChatEncoder(tokenizer, training_args.model_max_length, data_args.system_message,
                           data_args.template)
     if data_args.preprocess_only:
@@ -1317,16 +1689,23 @@ def train(argv=None):
     )
     stop_on_signal = StopOnSignal()
     trainer.add_callback(stop_on_signal)
+    trainer.add_callback(RecordTrainingData(fingerprint))
     if resume_from:
         log.info(f"resuming from {resume_from}")
     elif training_args.overwrite_output_dir:
         remove_checkpoints(training_args.output_dir)
     trainer.train(resume_from_checkpoint=resume_from)
     if stop_on_signal.stopped_at_step is not None:
-        checkpoint_dir = os.path.join(training_args.output_dir, f"checkpoint-{stop_on_signal.stopped_at_step}")
-        log.warning(f"stopped by {stop_on_signal.signal_name} at step {stop_on_signal.stopped_at_step}; the checkpoint "
-                    f"is {checkpoint_dir}; run the same command again to resume from it")
-        sys.exit(128 + getattr(signal, stop_on_signal.signal_name))
+        report_signal_stop(stop_on_signal, training_args)
+    if trainer.divergence.stopped:
+        newest = newest_complete_checkpoint(training_args.output_dir) if is_main_process() else None
+        raise RunFailed(f"training diverged: the loss or gradient norm was not finite in {trainer.divergence.in_a_row} "
+                        f"steps in a row from step {trainer.divergence.first_bad_step} on, so the result was not "
+                        f"saved (newest good checkpoint: {newest or 'none'}); lower --learning_rate, prefer --bf16 "
+                        "to --fp16, or look at the data of those steps")
+    if not weights_are_finite(trainer.model, training_args.device):
+        raise RunFailed("the trained weights are not finite, so the result was not saved; lower --learning_rate or "
+                        "prefer --bf16 to --fp16")
     if eval_dataset is not None and training_args.eval_strategy == "no":
         # Eval data without an eval schedule: evaluate once, at the end.
         trainer.log_metrics("eval", trainer.evaluate())
@@ -1340,6 +1719,35 @@ def train(argv=None):
         log.info(f"loss and learning-rate curves: {curves}")
 
 
+def report_signal_stop(stop_on_signal, training_args):
+    """One line on what a signal left behind, then exit 128 + the signal (or what the launcher asks for)."""
+    step = stop_on_signal.stopped_at_step
+    if not is_main_process():
+        pass
+    elif step == 0:
+        log.warning(f"stopped by {stop_on_signal.signal_name} before the first optimizer step; nothing to save")
+    elif training_args.save_only_model:
+        log.warning(f"stopped by {stop_on_signal.signal_name} at step {step}; checkpoint-{step} holds the weights only "
+                    "(--save_only_model), so a rerun starts afresh; they are in "
+                    f"{os.path.join(training_args.output_dir, f'checkpoint-{step}')}")
+    else:
+        log.warning(f"stopped by {stop_on_signal.signal_name} at step {step}; the checkpoint is "
+                    f"{os.path.join(training_args.output_dir, f'checkpoint-{step}')}; run the same command again to "
+                    "resume from it")
+    # Under torchrun our launcher asks for 0, so that torchrun reports no failure; the launcher itself exits 143.
+    sys.exit(int(os.environ.get("FINETUNE_SIGNAL_EXIT_CODE", 128 + getattr(signal, stop_on_signal.signal_name))))
+
+
+def start_from_weights_of(checkpoint, model_args, lora_args):
+    """--resume_on_new_data: the checkpoint's adapter or model, with a fresh optimizer, schedule and epoch count."""
+    log.warning(f"{checkpoint} was trained on other data: starting from its weights on the new data "
+                "(--resume_on_new_data), with a fresh optimizer, schedule and epoch count")
+    if lora_args.use_lora:
+        lora_args.lora_weight_path = checkpoint
+    else:
+        model_args.model_name_or_path = checkpoint
+
+
 def remove_checkpoints(output_dir):
     """--overwrite_output_dir: old checkpoints would otherwise be resumed from, or rotated in, later."""
     if is_main_process() and os.path.isdir(output_dir):
@@ -1349,13 +1757,24 @@ def remove_checkpoints(output_dir):
                 log.info(f"--overwrite_output_dir: removed {name}")
 
 
+def stop_before_training(signum, frame):
+    log.warning(f"stopped by {signal.Signals(signum).name} before training started; nothing to save")
+    sys.exit(128 + signum)
+
+
 def main(argv=None):
     logging.basicConfig(format="[%(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S")
     # peft still calls transformers' old name for activation checkpointing; users can do nothing about it.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     log.setLevel(logging.INFO if is_main_process() else logging.WARNING)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # until training starts (and StopOnSignal takes over): just stop
+        signal.signal(sig, stop_before_training)
     try:
         train(argv)
+    except RunFailed as e:
+        if is_main_process():
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except UserError as e:
         # Once per node: a node with a missing file or a bad variable must say so, not hang silently.
         if is_main_process():
@@ -1363,6 +1782,8 @@ def main(argv=None):
         elif os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error (rank {os.environ.get('RANK')}): {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        release_output_dir()
 
 
 if __name__ == "__main__":

@@ -105,4 +105,25 @@ cmd=("${launcher[@]}" "$HERE/finetune.py"
     "${passthrough[@]}")
 
 echo "+ ${cmd[*]}"
-exec "${cmd[@]}"
+if [ "${#launcher[@]}" -eq 1 ]; then
+    exec "${cmd[@]}"  # one process: finetune.py handles SIGTERM and Ctrl-C itself (checkpoint, exit 143 / 130)
+fi
+
+# torchrun would answer SIGTERM with a traceback and kill the workers 30 s later, checkpoint or not. So it ignores
+# SIGTERM and Ctrl-C here, this script hands them to the workers, and the workers stop at their next micro-batch,
+# write the checkpoint of the last completed step and exit 0 for it (FINETUNE_SIGNAL_EXIT_CODE), so that torchrun
+# reports no failure; this script then exits 128 + the signal, as a single process would.
+( trap '' TERM INT; PET_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT FINETUNE_SIGNAL_EXIT_CODE=0 exec "${cmd[@]}" ) &
+child=$!
+signalled=""
+forward() { signalled="$1"; pkill "-$1" -P "$child" 2>/dev/null || true; }
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+while kill -0 "$child" 2>/dev/null; do wait "$child" || true; done
+status=0
+wait "$child" || status=$?
+case "$signalled" in
+    TERM) exit 143 ;;
+    INT)  exit 130 ;;
+    *)    exit "$status" ;;
+esac

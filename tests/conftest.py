@@ -50,6 +50,22 @@ def write_json(path, samples):
     return str(path)
 
 
+def fake_checkpoint(folder, step, state=True, weights=True, optimizer=True):
+    """A checkpoint folder with real (tiny) files: trainer_state.json naming `step`, adapter weights, optimizer."""
+    import torch
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    if state:
+        with open(os.path.join(folder, "trainer_state.json"), "w") as f:
+            json.dump({"global_step": step} if state is True else state, f)
+    if weights:
+        save_file({"w": torch.zeros(2, 2)}, os.path.join(folder, "adapter_model.safetensors"))
+    if optimizer:
+        torch.save({"state": {}, "param_groups": []}, os.path.join(folder, "optimizer.pt"))
+    return str(folder)
+
+
 def run_cli(args, cwd=ROOT, timeout=600, env=None):
     """Run a command the way a user would; return the CompletedProcess (stdout and stderr as text)."""
     return subprocess.run(

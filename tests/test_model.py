@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune
+from conftest import fake_checkpoint
 
 QWEN_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -91,8 +92,6 @@ def test_resume_true_takes_the_newest_checkpoint(tmp_path):
     with pytest.raises(finetune.UserError, match="no complete checkpoint-\\* folder"):
         finetune.resolve_resume_checkpoint(args)
     for step in (5, 10):
-        os.makedirs(tmp_path / "out" / f"checkpoint-{step}")
-        (tmp_path / "out" / f"checkpoint-{step}" / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
-        (tmp_path / "out" / f"checkpoint-{step}" / "optimizer.pt").write_bytes(b"")
-    assert finetune.resolve_resume_checkpoint(args) == str(tmp_path / "out" / "checkpoint-10")
-    assert finetune.resolve_resume_checkpoint(training_args(tmp_path, resume_from_checkpoint="false")) is None
+        fake_checkpoint(tmp_path / "out" / f"checkpoint-{step}", step)
+    assert finetune.resolve_resume_checkpoint(args) == (str(tmp_path / "out" / "checkpoint-10"), None)
+    assert finetune.resolve_resume_checkpoint(training_args(tmp_path, resume_from_checkpoint="false")) == (None, None)

@@ -1,6 +1,7 @@
 """Real-world runs: interrupted and repeated commands, held-out validation, curves, merging an adapter."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import time
 import pytest
 import torch
 import transformers
-from conftest import CHILD_ENV, ROOT, run_finetune
+from conftest import CHILD_ENV, ROOT, fake_checkpoint, run_finetune
 from safetensors.torch import load_file
 from fp32 import assert_fp32_close, forward_depth
 from test_e2e import DATA, PROMPT, assert_resumed_run_matches, assert_success, logits_of
@@ -48,15 +49,21 @@ def test_a_killed_run_repeated_ends_with_the_weights_of_an_uninterrupted_run(tin
     wait_for(lambda: complete(os.path.join(killed, "checkpoint-4")), process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    # A checkpoint cut short by the kill, newer than every complete one, must be passed over.
+    # Newer than every good checkpoint: one cut short by the kill, and one whose optimizer state a bad disk
+    # truncated (its trainer_state.json says it is complete). Both must be passed over, the second with a word.
     os.makedirs(os.path.join(killed, "checkpoint-9"))
     with open(os.path.join(killed, "checkpoint-9", "adapter_model.safetensors"), "wb") as f:
         f.write(b"\0" * 100)
+    damaged = shutil.copytree(os.path.join(killed, "checkpoint-4"), os.path.join(killed, "checkpoint-8"))
+    state = json.load(open(os.path.join(damaged, "trainer_state.json")))
+    json.dump({**state, "global_step": 8}, open(os.path.join(damaged, "trainer_state.json"), "w"))
+    os.truncate(os.path.join(damaged, "optimizer.pt"), os.path.getsize(os.path.join(damaged, "optimizer.pt")) // 2)
 
     result = run_finetune(lora_command(tiny_qwen2, killed, "--max_steps", "10")[2:])  # the same command again
     assert_success(result)
+    assert f"skipping {damaged}: optimizer.pt is truncated or corrupt" in result.stderr
     resumed_from = [line for line in result.stderr.splitlines() if "resuming from" in line]
-    assert resumed_from and "checkpoint-9" not in resumed_from[0]
+    assert resumed_from and not any(f"checkpoint-{n}" in resumed_from[0] for n in (8, 9))
     assert_resumed_run_matches(killed, whole, 6, "adapter_model.safetensors")  # steps 5-10 again, from step 4
 
 
@@ -84,17 +91,14 @@ def test_sigterm_writes_a_checkpoint_at_the_current_step_and_names_it(tiny_qwen2
 
 def test_newest_complete_checkpoint_and_overwrite(tmp_path):
     out = tmp_path / "out"
-    for step, state in ((2, {"global_step": 2}), (4, {"global_step": 4}), (6, None), (8, "broken")):
-        os.makedirs(out / f"checkpoint-{step}")
-        (out / f"checkpoint-{step}" / "optimizer.pt").write_bytes(b"")
-        if state is not None:
-            (out / f"checkpoint-{step}" / "trainer_state.json").write_text(
-                json.dumps(state) if isinstance(state, dict) else "{")
-    os.makedirs(out / "checkpoint-10")  # saved with --save_only_model: no optimizer state, cannot resume
-    (out / "checkpoint-10" / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+    for step in (2, 4):
+        fake_checkpoint(out / f"checkpoint-{step}", step)
+    fake_checkpoint(out / "checkpoint-6", 6, state=False)  # cut short before trainer_state.json
+    fake_checkpoint(out / "checkpoint-8", 8, state={"global_step": 7})
+    fake_checkpoint(out / "checkpoint-10", 10, optimizer=False)  # --save_only_model: cannot resume
     assert finetune.newest_complete_checkpoint(str(out)) == str(out / "checkpoint-4")
-    assert finetune.resolve_resume_checkpoint(training_args(tmp_path)) == str(out / "checkpoint-4")  # by default
-    assert finetune.resolve_resume_checkpoint(training_args(tmp_path, overwrite_output_dir=True)) is None
+    assert finetune.resolve_resume_checkpoint(training_args(tmp_path)) == (str(out / "checkpoint-4"), None)
+    assert finetune.resolve_resume_checkpoint(training_args(tmp_path, overwrite_output_dir=True)) == (None, None)
     with pytest.raises(finetune.UserError, match="contradict"):
         finetune.resolve_resume_checkpoint(training_args(tmp_path, overwrite_output_dir=True,
                                                          resume_from_checkpoint=str(out / "checkpoint-4")))
