@@ -19,11 +19,13 @@ The file reads top to bottom in the order a run happens:
 Label rule: only what the assistant says is trained (its reasoning, content and tool calls), plus the
 <|im_end|> that closes each assistant turn; an empty <think></think> block is not trained.
 """
+import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -116,6 +118,23 @@ class DataArguments:
         default=False,
         metadata={"help": "Load only the tokenizer, report on the data, write tokenized_train.jsonl, and exit."},
     )
+    data_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Folder for tokenized data, built once per data version and memory-mapped by every rank "
+                  "(default: $XDG_CACHE_HOME/qwen-finetune/tokenized, else ~/.cache/qwen-finetune/tokenized; a "
+                  "shared file system serves many nodes); 'none': tokenize in memory at every start."},
+    )
+    preprocessing_num_workers: Optional[int] = field(
+        default=None, metadata={"help": "Processes that tokenize a data set (default: the available cores, up to 8)."}
+    )
+
+    def __post_init__(self):
+        if self.data_cache_dir is None:
+            self.data_cache_dir = default_cache_dir()
+        elif self.data_cache_dir.strip().lower() == "none":
+            self.data_cache_dir = ""
+        if self.preprocessing_num_workers is None:
+            self.preprocessing_num_workers = min(len(os.sched_getaffinity(0)), 8)
 
 
 @dataclass
@@ -641,11 +660,12 @@ def detect_format(path):
                 return "json" if stripped[:1] == b"[" else "jsonl"
 
 
-def iter_raw_samples(path):
+def iter_raw_samples(path, start=0, end=None, first_line=1):
     """Yield (where, sample, offset) for every sample; `where` names the file and line or index for messages.
 
-    For JSON Lines, `offset` is the byte offset of the sample's line (what the lazy dataset keeps);
-    for a JSON array it is the sample's index."""
+    For JSON Lines, `offset` is the byte offset of the sample's line (what the lazy dataset keeps), and only the
+    lines from byte `start` (line number `first_line`) to byte `end` are read; for a JSON array it is the sample's
+    index."""
     if detect_format(path) == "json":
         with open(path, "rb") as f:
             raw = f.read()
@@ -661,8 +681,11 @@ def iter_raw_samples(path):
             yield f"{path} sample {index}", sample, index
         return
     with open(path, "rb") as f:
-        offset = 0
-        for line_number, line in enumerate(f, start=1):
+        f.seek(start)
+        offset = start
+        for line_number, line in enumerate(f, start=first_line):
+            if end is not None and offset >= end:
+                break
             if line.strip():
                 yield f"{path} line {line_number}", parse_json(line, f"{path} line {line_number}"), offset
             offset += len(line)
@@ -1066,40 +1089,241 @@ def as_lists(example):
 
 
 class SupervisedDataset(Dataset):
-    """Reads, checks and tokenizes every sample up front, in batched fast-tokenizer calls."""
+    """Every sample read, checked and tokenized up front (in batched fast-tokenizer calls, by `num_workers`
+    processes), kept as flat int32 arrays: example i is input_ids[offsets[i]:offsets[i + 1]] with its labels.
 
-    def __init__(self, path, encoder, batch_size=1000):
-        self.examples, self.dropped, self.notices = [], Counter(), Counter()
-        self.full_lengths = array("i")  # every sample's length before truncation, dropped ones included
-        batch = []
-        for where, sample, _ in iter_raw_samples(path):
-            batch.append(encoder.parse(sample, where))
-            self.notices[NOTICE_EMPTY_ASSISTANT] += batch[-1].has_empty_assistant_message()
-            if len(batch) == batch_size:
-                self._add(encoder.encode_with_lengths(batch))
-                batch = []
-        self._add(encoder.encode_with_lengths(batch) if batch else [])
-        if not self.examples and not self.dropped:
+    With a `cache_dir` the arrays are built once per data version (see tokenized_cache_entry) and every later start
+    and every rank memory-maps them: the operating system's page cache then holds one copy per machine."""
+
+    def __init__(self, path, encoder, batch_size=1000, cache_dir=None, num_workers=1):
+        folder = load_or_build_tokenized(path, encoder, cache_dir, num_workers, batch_size)
+        self.cached = bool(cache_dir)
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+        self.dropped, self.notices = Counter(meta["dropped"]), Counter(meta["notices"])
+        arrays = {name: np.memmap(os.path.join(folder, f"{name}.bin"), dtype=dtype, mode="r") if size else
+                  np.zeros(0, dtype) for name, (dtype, size) in zip(TOKENIZED_ARRAYS, meta["sizes"])}
+        self.input_ids, self.labels = arrays["input_ids"], arrays["labels"]
+        self.offsets, self.full_lengths = arrays["offsets"], arrays["full_lengths"]
+        if not self.cached:
+            shutil.rmtree(folder)  # a build for this process only: the mapped files live on until unmapped
+        if not len(self) and not self.dropped:
             raise DataError(f"{path}: holds no samples")
 
-    def _add(self, encoded):
-        for example, full_length in encoded:
-            self.full_lengths.append(full_length)
-            if example is None:
-                self.dropped[DROP_REASON_TRUNCATED] += 1
-            else:
-                self.examples.append(example)
+    def example(self, i):
+        start, end = self.offsets[i], self.offsets[i + 1]
+        return {"input_ids": self.input_ids[start:end], "labels": self.labels[start:end]}
+
+    @property
+    def examples(self):
+        return (self.example(i) for i in range(len(self)))
 
     @property
     def lengths(self):
-        """Token counts, for --group_by_length (no second pass over the data)."""
-        return [len(e["input_ids"]) for e in self.examples]
+        """Token counts, for --group_by_length (from the offsets: no second pass over the data)."""
+        return np.diff(self.offsets)
 
     def __len__(self):
-        return len(self.examples)
+        return max(len(self.offsets) - 1, 0)
 
     def __getitem__(self, i):
-        return as_lists(self.examples[i])
+        return as_lists(self.example(i))
+
+
+# name: (dtype, what): the files of a tokenized data set, flat
+TOKENIZED_ARRAYS = {"input_ids": np.int32, "labels": np.int32, "offsets": np.int64, "full_lengths": np.int32}
+# Raise whenever rendering, tokenizing or labelling changes what it produces: older cache entries then go unused.
+TOKENIZED_FORMAT_VERSION = 1
+
+
+def default_cache_dir():
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qwen-finetune",
+                        "tokenized")
+
+
+def tokenized_cache_entry(path, encoder):
+    """The name of a data file's tokenized form: a hash of everything that decides its tokens and labels, the data's
+    bytes, the tokenizer (vocabulary, merges, added and special tokens, normalisation), the chat template, the
+    rendering flags and the format version; never names or dates."""
+    decided_by = {
+        "version": TOKENIZED_FORMAT_VERSION, "data": data_fingerprint([path]),
+        "tokenizer": hashlib.sha256(encoder.tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
+        "special_tokens": encoder.forbidden_tokens, "chat_template": encoder.tokenizer.chat_template,
+        "template": encoder.template, "system_message": encoder.system_message,
+        "model_max_length": encoder.model_max_length,
+    }
+    return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def load_or_build_tokenized(path, encoder, cache_dir, num_workers, batch_size):
+    """The folder holding `path` tokenized. Without a cache it is built afresh (and removed once mapped). With one,
+    the first process of each machine builds it (others wait on the file system, not on a collective whose timeout
+    a long build would trip) and everyone maps the same files."""
+    detect_format(path)  # a missing, empty or unreadable file: its own message, before hashing it
+    if not cache_dir:
+        folder = tempfile.mkdtemp(prefix="tokenized-")
+        try:
+            build_tokenized(path, encoder, folder, num_workers, batch_size)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return folder
+    os.makedirs(cache_dir, exist_ok=True)
+    entry = os.path.join(cache_dir, tokenized_cache_entry(path, encoder))
+    rank = int(os.environ.get("RANK", "0"))
+    if os.path.isdir(entry):
+        log.info(f"{path}: tokenized data loaded from the cache {entry} (rank {rank})")
+        return entry
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return wait_for_cache_entry(path, entry, rank)
+    with open(entry + ".lock", "a") as lock:  # one builder per entry, also across jobs sharing the cache
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isdir(entry):  # built by whoever held the lock before
+            return entry
+        error_file = entry + ".error"
+        if os.path.exists(error_file):
+            os.remove(error_file)
+        building = tempfile.mkdtemp(prefix=os.path.basename(entry) + ".building-", dir=cache_dir)
+        started = time.perf_counter()
+        try:
+            build_tokenized(path, encoder, building, num_workers, batch_size)
+            publish(building, entry)
+        except BaseException as e:
+            shutil.rmtree(building, ignore_errors=True)
+            if isinstance(e, DataError) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                with open(error_file, "w") as f:  # the ranks waiting for this build report it too
+                    f.write(str(e))
+            raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):  # a process waiting on it finds the entry once it gets it
+                os.remove(lock.name)
+    log.info(f"{path}: tokenized by rank {rank} with {num_workers} worker(s) in {time.perf_counter() - started:.1f} s "
+             f"into the cache {entry}")
+    return entry
+
+
+def publish(building, entry):
+    """Rename a finished build into place: atomic, so a reader sees a complete entry or none. When another builder
+    got there first (a file system where the lock does not hold), theirs is as good as ours."""
+    try:
+        os.rename(building, entry)
+    except OSError:
+        if not os.path.isdir(entry):
+            raise
+        shutil.rmtree(building, ignore_errors=True)
+
+
+def wait_for_cache_entry(path, entry, rank):
+    waited = time.perf_counter()
+    while not os.path.isdir(entry):
+        if os.path.exists(entry + ".error"):
+            with open(entry + ".error") as f:
+                raise DataError(f.read())
+        time.sleep(0.5)
+    log.warning(f"rank {rank}: {path}: loaded the tokenized data that local rank 0 built into {entry} "
+                f"(waited {time.perf_counter() - waited:.1f} s)")
+    return entry
+
+
+def build_tokenized(path, encoder, folder, num_workers, batch_size):
+    """Tokenize `path` into `folder` (TOKENIZED_ARRAYS as raw files, meta.json last), in `num_workers` processes
+    that each take a contiguous run of lines; the result is the same for any number of workers."""
+    parts = split_into_line_runs(path, num_workers)
+    if len(parts) == 1:
+        results = [tokenize_part(path, encoder, folder, 0, parts[0], batch_size)]
+    else:
+        context = multiprocessing.get_context("fork")  # the workers inherit the tokenizer instead of reloading it
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+        with context.Pool(len(parts), initializer=_set_worker_encoder, initargs=(encoder,)) as pool:
+            results = pool.starmap(tokenize_part_in_worker,
+                                   [(path, folder, k, part, batch_size) for k, part in enumerate(parts)])
+    meta = {"source": path, "dropped": Counter(), "notices": Counter()}
+    offset_base = 0
+    for name in TOKENIZED_ARRAYS:
+        with open(os.path.join(folder, f"{name}.bin"), "wb") as out:
+            for k, result in enumerate(results):
+                part_file = os.path.join(folder, f"{name}.part{k}")
+                if name == "offsets":  # each part counts from 0: shift, and keep a single leading 0
+                    offsets = np.fromfile(part_file, dtype=np.int64)
+                    (offsets[(1 if k else 0):] + offset_base).tofile(out)
+                    offset_base += int(offsets[-1])
+                else:
+                    with open(part_file, "rb") as part:
+                        shutil.copyfileobj(part, out)
+                os.remove(part_file)
+    for result in results:
+        meta["dropped"].update(result["dropped"])
+        meta["notices"].update(result["notices"])
+    meta["sizes"] = [(np.dtype(dtype).name, os.path.getsize(os.path.join(folder, f"{name}.bin")))
+                     for name, dtype in TOKENIZED_ARRAYS.items()]
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump(meta, f)
+
+
+def split_into_line_runs(path, parts):
+    """[(first byte, end byte, first line number)]: `parts` runs of whole lines of a JSON Lines file (one run for a
+    JSON array, which must be parsed whole)."""
+    size = os.path.getsize(path)
+    if parts <= 1 or size < (1 << 20) or detect_format(path) == "json":
+        return [(0, size, 1)]
+    runs, start, line = [], 0, 1
+    with open(path, "rb") as f:
+        for k in range(1, parts):
+            f.seek(max(start, size * k // parts))
+            f.readline()  # to the end of the line the cut falls in
+            end = f.tell()
+            if end >= size:
+                break
+            f.seek(start)
+            runs.append((start, end, line))
+            line += f.read(end - start).count(b"\n")
+            start = end
+    return runs + [(start, size, line)]
+
+
+_worker_encoder = None
+
+
+def _set_worker_encoder(encoder):
+    global _worker_encoder
+    _worker_encoder = encoder
+
+
+def tokenize_part_in_worker(path, folder, k, part, batch_size):
+    return tokenize_part(path, _worker_encoder, folder, k, part, batch_size)
+
+
+def tokenize_part(path, encoder, folder, k, part, batch_size):
+    """Tokenize one run of samples into `{name}.part{k}` files; returns what it dropped and noticed."""
+    files = {name: open(os.path.join(folder, f"{name}.part{k}"), "wb") for name in TOKENIZED_ARRAYS}
+    dropped, notices, total = Counter(), Counter(), 0
+    np.zeros(1, np.int64).tofile(files["offsets"])
+
+    def add(encoded):
+        nonlocal total
+        for example, full_length in encoded:
+            np.int32(full_length).tofile(files["full_lengths"])
+            if example is None:
+                dropped[DROP_REASON_TRUNCATED] += 1
+                continue
+            example["input_ids"].tofile(files["input_ids"])
+            example["labels"].tofile(files["labels"])
+            total += len(example["input_ids"])
+            np.int64(total).tofile(files["offsets"])
+
+    try:
+        batch = []
+        for where, sample, _ in iter_raw_samples(path, *part):
+            batch.append(encoder.parse(sample, where))
+            notices[NOTICE_EMPTY_ASSISTANT] += batch[-1].has_empty_assistant_message()
+            if len(batch) == batch_size:
+                add(encoder.encode_with_lengths(batch))
+                batch = []
+        add(encoder.encode_with_lengths(batch) if batch else [])
+    finally:
+        for f in files.values():
+            f.close()
+    return {"dropped": dict(dropped), "notices": dict(notices)}
 
 
 class LazySupervisedDataset(Dataset):
@@ -1113,7 +1337,7 @@ class LazySupervisedDataset(Dataset):
         self.is_jsonl = detect_format(path) == "jsonl"
         self.samples = None if self.is_jsonl else []
         self.locations = array("q")  # byte offset (JSONL) or index into self.samples (JSON) of each kept sample
-        self.lengths = array("i")  # rendered characters, capped at the token limit: an estimate for grouping
+        self.lengths = array("i")  # estimated tokens, capped at the token limit: for grouping by length
         for where, sample, location in iter_raw_samples(path):
             conversation = encoder.parse(sample, where)
             self.notices[NOTICE_EMPTY_ASSISTANT] += conversation.has_empty_assistant_message()
@@ -1121,7 +1345,8 @@ class LazySupervisedDataset(Dataset):
             if not encoder.surely_keeps_a_trained_token(text, spans) and encoder.encode([conversation])[0] is None:
                 self.dropped[DROP_REASON_TRUNCATED] += 1
                 continue
-            self.lengths.append(min(len(text), encoder.model_max_length))
+            # Qwen's tokens average about 4 UTF-8 bytes in English and about 3 (one character) in Chinese.
+            self.lengths.append(min(len(text.encode("utf-8")) // 4 + 1, encoder.model_max_length))
             if self.samples is not None:
                 self.samples.append(sample)
                 location = len(self.samples) - 1
@@ -1144,8 +1369,12 @@ class LazySupervisedDataset(Dataset):
         return as_lists(self.encoder.encode([self.encoder.parse(sample, where)])[0])
 
 
-def make_dataset(path, encoder, lazy):
-    dataset = LazySupervisedDataset(path, encoder) if lazy else SupervisedDataset(path, encoder)
+def make_dataset(path, encoder, data_args):
+    if data_args.lazy_preprocess:
+        dataset = LazySupervisedDataset(path, encoder)
+    else:
+        dataset = SupervisedDataset(path, encoder, cache_dir=data_args.data_cache_dir,
+                                    num_workers=data_args.preprocessing_num_workers)
     dropped = sum(dataset.dropped.values())
     if dropped:
         reasons = ", ".join(f"{count} with {reason}" for reason, count in dataset.dropped.items())
@@ -1232,7 +1461,7 @@ TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 def describe_dataset(dataset):
     """A short report: samples kept and dropped, token counts, lengths."""
     lengths = np.array(dataset.lengths)
-    trained = sum(int((e["labels"] != IGNORE_INDEX).sum()) for e in dataset.examples)
+    trained = int((dataset.labels != IGNORE_INDEX).sum())
     lines = [f"samples kept: {len(dataset)}", f"samples dropped: {sum(dataset.dropped.values())}"]
     lines += [f"  {count} with {reason}" for reason, count in dataset.dropped.items()]
     lines += [f"notice: {count} sample(s) with {notice}" for notice, count in dataset.notices.items() if count]
@@ -1668,12 +1897,13 @@ def train(argv=None):
     encoder = ChatEncoder(tokenizer, training_args.model_max_length, data_args.system_message,
                           data_args.template)
     if data_args.preprocess_only:
-        preview(SupervisedDataset(data_args.data_path, encoder), tokenizer, training_args.output_dir)
+        preview(SupervisedDataset(data_args.data_path, encoder, cache_dir=data_args.data_cache_dir,
+                                  num_workers=data_args.preprocessing_num_workers), tokenizer, training_args.output_dir)
         return
-    train_dataset = make_dataset(data_args.data_path, encoder, data_args.lazy_preprocess)
+    train_dataset = make_dataset(data_args.data_path, encoder, data_args)
     eval_dataset = None
     if data_args.eval_data_path:
-        eval_dataset = make_dataset(data_args.eval_data_path, encoder, data_args.lazy_preprocess)
+        eval_dataset = make_dataset(data_args.eval_data_path, encoder, data_args)
     elif data_args.val_size:
         train_dataset, eval_dataset = split_off_validation(train_dataset, data_args.val_size, training_args.seed)
 

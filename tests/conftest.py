@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import transformers
@@ -13,6 +14,12 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import finetune  # noqa: E402
 from tiny_qwen import build_tiny_qwen, qwen_tokenizer_dir  # noqa: E402
+
+# Runs cache their tokenized data under XDG_CACHE_HOME: a folder of this test session's, not the user's. DeepSpeed's
+# compiled ops (torch's extension cache, which also follows XDG_CACHE_HOME) stay where they are, compiled once.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions"))
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="qwen-finetune-tests-cache-")
 
 # Subprocesses must never reach for a hub, and should not fight each other for the 2 cores.
 CHILD_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -126,7 +126,8 @@ def test_truncation_keeps_the_first_tokens_and_drops_samples_left_without_traine
 def test_every_sample_dropped_is_an_error(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", long_prompt_samples()[1:2])
     with pytest.raises(finetune.DataError, match="every sample was dropped"):
-        finetune.make_dataset(path, make_encoder(tokenizer, model_max_length=32), lazy=False)
+        finetune.make_dataset(path, make_encoder(tokenizer, model_max_length=32),
+                              finetune.DataArguments(data_path=path, data_cache_dir="none"))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -47,11 +47,16 @@ def adapter_tensors(folder):
 
 def test_launcher_with_two_processes_runs_ddp_on_sharded_data(tiny_qwen2, tmp_path):
     out = str(tmp_path / "ddp")
+    cache = str(tmp_path / "cache")
     result = run_cli(["bash", "finetune_lora.sh", "-m", tiny_qwen2, "-o", out, "--max_steps", "4",
-                      "--learning_rate", "1e-2", *LORA[2:], *RUN], env={"NPROC_PER_NODE": "2",
-                                                                         "MASTER_PORT": str(free_port())})
+                      "--learning_rate", "1e-2", "--data_cache_dir", cache, *LORA[2:], *RUN],
+                     env={"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())})
     assert_success(result)
     assert "torch.distributed.run --nproc_per_node 2" in result.stdout
+    # One rank tokenized into the cache, the other mapped what it wrote.
+    assert result.stderr.count(f"{DATA}: tokenized by rank 0") == 1
+    assert result.stderr.count(f"rank 1: {DATA}: loaded the tokenized data that local rank 0 built") == 1
+    assert len(os.listdir(cache)) == 1
     # 8 samples, 2 per process and 2 processes: an epoch every 2 steps, so each rank saw its own half.
     assert [e["epoch"] for e in log_history(out) if "loss" in e] == [0.5, 1.0, 1.5, 2.0]
     assert result.stderr.count("saved the LoRA adapter") == 1  # messages print once, from global rank 0
