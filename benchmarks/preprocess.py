@@ -52,7 +52,14 @@ def measure(kind, path, template, cache, workers):
     import transformers
     from tiny_qwen import qwen_tokenizer_dir
 
-    import finetune
+    if kind == "before":  # the eager dataset of an earlier release, extracted by main() (every rank held its own)
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("finetune", cache)
+        finetune = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(finetune)
+    else:
+        import finetune
 
     encoder = finetune.ChatEncoder(transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir()), 8192,
                                    template=template)
@@ -60,6 +67,8 @@ def measure(kind, path, template, cache, workers):
     start = time.perf_counter()
     if kind == "lazy":
         dataset = finetune.LazySupervisedDataset(path, encoder)
+    elif kind == "before":
+        dataset = finetune.SupervisedDataset(path, encoder)
     else:  # eager: no cache; build: into an empty cache; warm / ranks: from the cache (ranks: built by one of them)
         dataset = finetune.SupervisedDataset(path, encoder, cache_dir=cache if kind != "eager" else None,
                                              num_workers=workers)
@@ -72,9 +81,9 @@ def measure(kind, path, template, cache, workers):
             "private_mb": private_mb() - private_before, "rank": int(os.environ.get("RANK", "0"))}
 
 
-def run_child(kind, path, template="chatml", cache="", workers=1):
+def run_child(kind, path, template="chatml", cache="", workers=1, threads="true"):
     return result_of([sys.executable, __file__, "--child", kind, "--path", path, "--template", template,
-                      "--cache", cache, "--workers", str(workers)], TOKENIZERS_PARALLELISM="true")
+                      "--cache", cache, "--workers", str(workers)], TOKENIZERS_PARALLELISM=threads)
 
 
 def run_ranks(ranks, path, cache):
@@ -96,6 +105,8 @@ def main():
     parser.add_argument("--template", default="chatml")
     parser.add_argument("--cache", default="")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--before", default="5fd3cba",
+                        help="git revision whose eager dataset (no cache, in each rank's memory) the table compares")
     args = parser.parse_args()
     if args.child:
         logging.basicConfig(format="%(levelname)s %(message)s", level=logging.INFO)  # finetune's cache messages
@@ -119,22 +130,31 @@ def main():
     if len(speeds) == 2:
         print(f"the chat template renders at {speeds['auto'] / speeds['chatml']:.2f}x the speed of plain ChatML")
     builds = {}
-    for workers in (1, 2):
+    # One worker with the tokenizer's own threads (its default: they take both cores for part of the work) and
+    # without them; two workers run without them (the processes are the parallelism).
+    for name, workers, threads in (("1 worker, tokenizer threads", 1, "true"), ("1 worker", 1, "false"),
+                                   ("2 workers", 2, "false")):
         cache = fresh(os.path.join(args.workdir, f"cache_speed_{workers}"))
-        builds[workers] = run_child("build", path, cache=cache, workers=workers)
-        print(f"first build into the cache, {workers} worker(s): {builds[workers]['seconds']:.1f} s = "
-              f"{builds[workers]['samples'] / builds[workers]['seconds']:,.0f} samples/s")
-    print(f"2 workers build at {builds[1]['seconds'] / builds[2]['seconds']:.2f}x the speed of 1")
+        builds[name] = run_child("build", path, cache=cache, workers=workers, threads=threads)
+        print(f"first build into the cache, {name}: {builds[name]['seconds']:.1f} s = "
+              f"{builds[name]['samples'] / builds[name]['seconds']:,.0f} samples/s")
+    print(f"2 workers build at {builds['1 worker']['seconds'] / builds['2 workers']['seconds']:.2f}x the speed of "
+          f"1 worker, {builds['1 worker, tokenizer threads']['seconds'] / builds['2 workers']['seconds']:.2f}x that "
+          "of 1 worker with the tokenizer's threads")
     warm = run_child("warm", path, cache=cache)
     print(f"warm start (cache hit, hashing the {os.path.getsize(path) / 2**20:.0f} MB file included): "
           f"{warm['seconds']:.2f} s\n")
 
+    before_module = os.path.join(args.workdir, f"finetune_{args.before}.py")
+    with open(before_module, "w") as f:
+        f.write(subprocess.run(["git", "-C", ROOT, "show", f"{args.before}:finetune.py"], capture_output=True,
+                               text=True, check=True).stdout)
     print(f"{'samples':>9} {'file MB':>8} {'eager MB':>9} {'lazy MB':>8} {'eager s':>8} {'lazy s':>7} {'build s':>8} "
           f"{'warm s':>7} {'1 rank MB':>10} {'2 ranks MB':>11}")
     for size in (int(s) for s in args.sizes.split(",")):
         path = os.path.join(args.workdir, f"memory_{size}.jsonl")
         write_data(path, size, median_tokens=60)
-        eager, lazy = run_child("eager", path), run_child("lazy", path)
+        eager, lazy = run_child("before", path, cache=before_module), run_child("lazy", path)
         cache = fresh(os.path.join(args.workdir, f"cache_{size}"))
         two, log = run_ranks(2, path, cache)  # a cold cache: one rank builds, the other waits and maps
         built_by = [line.split("tokenized by ")[1].split(" with")[0] for line in log.splitlines() if "tokenized by" in line]
@@ -147,7 +167,8 @@ def main():
         print(f"{size:>9} {os.path.getsize(path) / 2**20:>8.0f} {cells[0]:>9} {cells[1]:>8} {times[0]:>8} "
               f"{times[1]:>7} {two[0]['seconds'] if two else float('nan'):>8.1f} {warm.get('seconds', float('nan')):>7.2f} "
               f"{per_rank(one):>10} {per_rank(two):>11}   built by {built_by}, loaded by {loaded_by}")
-    print("\n(eager MB: peak resident memory the eager dataset adds without a cache, in each rank; 1/2 rank(s) MB: "
+    print(f"\n(eager: the eager dataset of {args.before}, before the cache: the peak resident memory it adds, in each "
+          "rank; 1/2 rank(s) MB: "
           "the private memory each rank adds with the cache, after reading every sample; build s: the 2-rank "
           "cold start, 2 workers)")
 
