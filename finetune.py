@@ -3,14 +3,17 @@
     python finetune.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --data_path data.jsonl \
         --output_dir out --use_lora true
 
+    python finetune.py run.yaml [--flag value ...]      # the settings of a YAML/JSON file, flags after it win
+
 It runs unchanged as `python finetune.py`, `torchrun --nproc_per_node N finetune.py` and `deepspeed finetune.py`,
 with or without `--deepspeed ds_config_zero2.json|ds_config_zero3.json`.
 
 The file reads top to bottom in the order a run happens:
   1. arguments      ModelArguments, DataArguments, TrainingArguments, LoraArguments
   2. distributed    the one place that knows about launchers, DDP and DeepSpeed ZeRO-3
-  3. data           read and check samples -> render (the model's chat template or ChatML) -> token ids
-                    + labels -> datasets, collator
+  3. data           sources (files, Parquet, folders, dataset ids) -> read and check samples -> render (the
+                    model's chat template or ChatML) -> token ids + labels, cached once per data version ->
+                    datasets mixed by count or fraction, collator
   4. preview        --preprocess_only: a report and a dump of exactly what would be trained
   5. model          full precision, LoRA or 4-bit QLoRA
   6. training       the Trainer with a loss that skips masked positions, throughput logs, a ZeRO-3-aware save
@@ -21,6 +24,8 @@ Label rule: only what the assistant says is trained (its reasoning, content and 
 """
 import contextlib
 import fcntl
+import functools
+import glob
 import hashlib
 import json
 import logging
@@ -88,11 +93,15 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: Optional[str] = field(
-        default=None, metadata={"help": "Training conversations: a JSON array or a JSON Lines file."}
+    data_path: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Training conversations: one or more sources, space- or comma-separated: JSON or JSON Lines "
+                  "files, Parquet files, folders, glob patterns, Hugging Face dataset ids (org/name or "
+                  "org/name:split). SOURCE#N takes N samples of it (repeating them if it holds fewer), SOURCE#0.5 "
+                  "half of it, chosen by --seed."},
     )
-    eval_data_path: Optional[str] = field(
-        default=None, metadata={"help": "Evaluation conversations, same formats; eval loss is logged."}
+    eval_data_path: list[str] = field(
+        default_factory=list, metadata={"help": "Evaluation conversations, same sources; eval loss is logged."}
     )
     val_size: float = field(
         default=0,
@@ -129,6 +138,7 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        self.data_path, self.eval_data_path = split_names(self.data_path), split_names(self.eval_data_path)
         if self.data_cache_dir is None:
             self.data_cache_dir = default_cache_dir()
         elif self.data_cache_dir.strip().lower() == "none":
@@ -223,9 +233,10 @@ class LoraArguments:
 
 
 def parse_arguments(argv=None):
-    # Creating TrainingArguments starts torch.distributed: the environment must be ready before.
-    argv = prepare_launch_environment(sys.argv[1:] if argv is None else list(argv))
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
+    argv = expand_config_files(sys.argv[1:] if argv is None else list(argv), parser)
+    # Creating TrainingArguments starts torch.distributed: the environment must be ready before.
+    argv = prepare_launch_environment(argv)
     try:
         model_args, data_args, training_args, lora_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:  # unknown flags and combinations the Trainer rejects
@@ -235,10 +246,63 @@ def parse_arguments(argv=None):
     return model_args, data_args, training_args, lora_args
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def expand_config_files(argv, parser):
+    """`finetune.py run.yaml [--flag value ...]`, and `--config run.yaml` anywhere: the file's settings (keys are
+    flag names) take its place on the command line, so that flags after it win over it, and it over flags before
+    it (the launchers put their defaults there)."""
+    known = {action.dest for action in parser._actions}  # argparse's list of what it parses
+    expanded, rest = [], list(argv)
+    if rest and not rest[0].startswith("-") and rest[0].endswith(CONFIG_SUFFIXES):
+        expanded += config_file_arguments(rest.pop(0), known)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--config" or arg.startswith("--config="):
+            path = arg.partition("=")[2] or (rest.pop(0) if rest else "")
+            if not path:
+                raise UserError("--config needs a YAML or JSON file")
+            expanded += config_file_arguments(path, known)
+        else:
+            expanded.append(arg)
+    return expanded
+
+
+def config_file_arguments(path, known):
+    """A config file's settings as command-line arguments; an unknown key is an error naming it and the file."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the config file ({e.strerror})") from None
+    try:
+        settings = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} ({first_line(e)})") from None
+    if settings is None:
+        return []
+    if not isinstance(settings, dict):
+        raise UserError(f"{path}: expected flag names and their values, got a {type(settings).__name__}")
+    arguments = []
+    for key, value in settings.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name not in known:
+            raise UserError(f"{path}: unknown key '{key}' (not a flag of finetune.py; see --help)")
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        arguments += [f"--{name}", *(json.dumps(v) if isinstance(v, dict) else str(v).lower() if isinstance(v, bool)
+                                     else str(v) for v in values)]
+    return arguments
+
+
 def check_arguments(data_args, training_args, lora_args):
     """Reject impossible combinations before anything slow happens."""
     if not data_args.data_path:
-        raise UserError("--data_path is required (a JSON or JSON Lines file of conversations)")
+        raise UserError("--data_path is required (JSON, JSON Lines or Parquet files, folders or dataset ids)")
     if training_args.model_max_length < 2:
         raise UserError(f"--model_max_length must be at least 2, got {training_args.model_max_length}")
     if training_args.bf16 and training_args.fp16:
@@ -279,8 +343,9 @@ def check_numbers(training_args, lora_args):
 
 
 def split_names(items):
-    """['q_proj,k_proj', 'v_proj'] -> ['q_proj', 'k_proj', 'v_proj']: both spellings of a list flag work."""
-    return [name.strip() for item in items for name in item.split(",") if name.strip()]
+    """['q_proj,k_proj', 'v_proj'] -> ['q_proj', 'k_proj', 'v_proj']: commas and spaces both separate a list."""
+    items = [items] if isinstance(items, str) else items or []
+    return [name for item in items for name in re.split(r"[,\s]+", item) if name]
 
 
 def newest_complete_checkpoint(output_dir):
@@ -370,13 +435,20 @@ def check_checkpoint_fits(folder, model_args, lora_args):
     if not lora_args.use_lora:
         raise UserError(f"{folder} holds a LoRA adapter, but this run fine-tunes every weight; add --use_lora true "
                         f"to resume it, {afresh}")
-    with open(adapter_config) as f:
-        config = json.load(f)
+    try:
+        with open(adapter_config) as f:
+            config = json.load(f)
+    except ValueError:
+        raise UserError(f"{adapter_config} is not valid JSON; {afresh[3:]}") from None
+    config["modules_to_save"] = sorted(config.get("modules_to_save") or [])
+    flags = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_bias": "bias", "lora_modules_to_save": "modules_to_save"}
     if not lora_args.lora_weight_path:
-        for flag, key in (("lora_r", "r"), ("lora_alpha", "lora_alpha")):
-            if key in config and config[key] != getattr(lora_args, flag):
+        for flag, key in flags.items():
+            value = getattr(lora_args, flag)
+            value = sorted(value) if isinstance(value, list) else value
+            if key in config and config[key] != value:
                 raise UserError(f"{folder} was trained with --{flag} {config[key]}, this run asks for "
-                                f"--{flag} {getattr(lora_args, flag)}; use the same value to resume it, {afresh}")
+                                f"--{flag} {value}; use the same value to resume it, {afresh}")
     base = config.get("base_model_name_or_path")
     if base and not same_model(base, model_args.model_name_or_path):
         raise UserError(f"{folder} adapts {base}, but this run's --model_name_or_path is "
@@ -393,12 +465,27 @@ def data_fingerprint(paths):
     """A content hash of the training data: every source's bytes, in order (not names or dates). A checkpoint
     records it, so that a resume on changed data is noticed."""
     digest = hashlib.sha256()
-    for path in paths:
-        digest.update(f"{os.path.getsize(path)}:".encode())  # where one source ends and the next begins
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+    for path in map(os.fspath, paths):
+        detect_format(path)  # a missing, empty or unreadable file: its own message
+        # A dataset id: the bytes of the files the datasets library keeps it in.
+        files = [f["filename"] for f in load_hub_dataset(path).cache_files] if path.startswith(HUB_PREFIX) else [path]
+        for file in files:
+            digest.update(f"{os.path.getsize(file)}:".encode())  # where one file ends and the next begins
+            with open(file, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
     return digest.hexdigest()
+
+
+def sources_fingerprint(data_args, training_args):
+    """What a run trains on: the content of every source in order, what is taken from each (by --seed), and the
+    flags that decide which samples are kept and how they are cut (a resume skips batches by position)."""
+    sources = parse_sources(data_args.data_path)
+    takes = [source.take for source in sources]
+    selection = json.dumps([takes, training_args.seed if any(take is not None for take in takes) or
+                            data_args.val_size else None, data_args.val_size, data_args.template,
+                            data_args.system_message, training_args.model_max_length])
+    return hashlib.sha256((data_fingerprint([p for s in sources for p in s.parts]) + selection).encode()).hexdigest()
 
 
 def recorded_fingerprint(folder):
@@ -436,13 +523,29 @@ def resolve_resume_checkpoint(training_args, model_args=None, lora_args=None, fi
     if model_args is not None:
         check_checkpoint_fits(checkpoint, model_args, lora_args)
     recorded = recorded_fingerprint(checkpoint)
+    if recorded is None and fingerprint is not None:
+        log.warning(f"{checkpoint} does not record what data it was trained on (an older release wrote it); "
+                    "resuming on the data given now")
     if fingerprint is None or recorded is None or recorded == fingerprint:
         return checkpoint, None
     if training_args.resume_on_new_data:
-        return None, checkpoint
-    raise UserError(f"{checkpoint} was trained on other data than --data_path now holds (content hash "
+        return None, set_aside_checkpoints(training_args.output_dir, checkpoint, recorded)
+    raise UserError(f"{checkpoint} was trained on other data than --data_path now holds, or with other "
+                    "--model_max_length, --template, --system_message, --val_size or mix (content hash "
                     f"{recorded[:12]} then, {fingerprint[:12]} now); start afresh with --overwrite_output_dir true, "
                     "or continue from its weights on the new data with --resume_on_new_data true")
+
+
+def set_aside_checkpoints(output_dir, checkpoint, recorded):
+    """--resume_on_new_data: the old data's checkpoints move to previous-data-HASH/, so that checkpoint rotation
+    and later resumes see only the new run's; returns where `checkpoint` went."""
+    aside = os.path.join(output_dir, f"previous-data-{recorded[:12]}")
+    os.makedirs(aside, exist_ok=True)
+    for name in os.listdir(output_dir):
+        if name.startswith("checkpoint-"):
+            shutil.move(os.path.join(output_dir, name), os.path.join(aside, name))
+    log.info(f"moved the checkpoints trained on the earlier data to {aside}")
+    return os.path.join(aside, os.path.basename(checkpoint))
 
 
 def claim_output_dir(output_dir, model_path):
@@ -474,10 +577,14 @@ def lock_output_dir(output_dir):
     holder = lock.read().strip()
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         lock.close()
         raise UserError(f"--output_dir {output_dir} is in use by another run ({holder or 'holder unknown'}); wait "
                         "for it to end or choose another folder") from None
+    except OSError as e:  # a file system without locks (some network and FUSE mounts)
+        lock.close()
+        log.warning(f"--output_dir {output_dir}: cannot lock it ({e.strerror}); make sure no other run uses it")
+        return
     if holder:
         log.info(f"{output_dir}: taking over the lock of a run that ended without releasing it ({holder})")
     lock.truncate(0)
@@ -557,16 +664,22 @@ def agreed_by_all_ranks(decide, *args):
     """Rank 0 decides and every rank follows (nodes may not share a disk); a UserError is raised everywhere."""
     if not in_process_group():
         return decide(*args)
-    outcome = [None]
+    outcome, failure = [None], None
     if torch.distributed.get_rank() == 0:
         try:
             outcome = [("ok", decide(*args))]
         except UserError as e:
             outcome = [("error", str(e))]
+        except Exception as e:  # rank 0 raises it as it is; the others must not wait for an answer forever
+            outcome, failure = [("failed", f"rank 0 failed: {type(e).__name__}: {first_line(e)}")], e
     torch.distributed.broadcast_object_list(outcome, src=0)
     kind, value = outcome[0]
+    if failure is not None:
+        raise failure
     if kind == "error":
         raise UserError(value)
+    if kind == "failed":
+        raise RunFailed(value)
     return value
 
 
@@ -642,12 +755,62 @@ class Conversation:
         return None
 
 
+HUB_PREFIX = "hf://"  # marks a source part that is a Hugging Face dataset id, not a file
+FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
+DATASET_ID = re.compile(r"[\w.-]+/[\w.-]+(:[\w.-]+)?")  # org/name, or org/name:split
+
+
+@dataclass
+class Source:
+    """One --data_path entry: its files (or dataset id), and how many samples to take from them."""
+
+    spec: str  # as given, e.g. "chat.jsonl#20000"
+    parts: list  # file paths, or one HUB_PREFIX + dataset id
+    take: Optional[float] = None  # None: every sample; an int: that many; a float: that fraction
+
+
+def parse_sources(specs):
+    """--data_path entries as Sources: files, folders (every .json, .jsonl and .parquet inside, in name order), glob
+    patterns, dataset ids; each with an optional #count or #fraction."""
+    sources = []
+    for spec in specs:
+        location, take = spec, None
+        head, _, amount = spec.rpartition("#")
+        if head and re.fullmatch(r"\d+|\d*\.\d+|\d+\.", amount):
+            location, take = head, float(amount) if "." in amount else int(amount)
+            if take <= 0:
+                raise UserError(f"--data_path {spec}: the amount after '#' must be positive")
+        sources.append(Source(spec, source_parts(location), take))
+    return sources
+
+
+def source_parts(location):
+    if any(char in location for char in "*?["):
+        files = sorted(path for path in glob.glob(location, recursive=True) if os.path.isfile(path))
+        if not files:
+            raise DataError(f"{location}: matches no file")
+        return files
+    if os.path.isdir(location):
+        files = sorted(os.path.join(location, name) for name in os.listdir(location) if name.endswith(FILE_SUFFIXES))
+        if not files:
+            raise DataError(f"{location}: a folder without .json, .jsonl or .parquet files")
+        return files
+    if not os.path.exists(location) and DATASET_ID.fullmatch(location) and not location.endswith(FILE_SUFFIXES):
+        return [HUB_PREFIX + location]
+    return [location]  # a file; a missing one is reported when it is read
+
+
 def detect_format(path):
-    """'json' for a file whose first non-blank character opens an array, else 'jsonl'; the suffix does not matter."""
+    """'hub' (a dataset id), 'parquet' (by suffix), 'json' for a file whose first non-blank character opens an
+    array, else 'jsonl'; for JSON the suffix does not matter."""
+    if path.startswith(HUB_PREFIX):
+        return "hub"
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
     if not os.path.isfile(path):
         raise DataError(f"{path}: not a file")
+    if path.endswith(".parquet"):
+        return "parquet"
     with open(path, "rb") as f:
         first = True
         while True:
@@ -665,15 +828,23 @@ def iter_raw_samples(path, start=0, end=None, first_line=1):
 
     For JSON Lines, `offset` is the byte offset of the sample's line (what the lazy dataset keeps), and only the
     lines from byte `start` (line number `first_line`) to byte `end` are read; for a JSON array it is the sample's
-    index."""
-    if detect_format(path) == "json":
+    index, for a table (Parquet, dataset id) the row's, from row `start` to row `end`."""
+    kind = detect_format(path)
+    if kind in ("parquet", "hub"):
+        name = path.removeprefix(HUB_PREFIX)
+        for row_number, row in enumerate(table_rows(path, kind, start, end), start=start):
+            yield f"{name} row {row_number:,}", without_nulls(row), row_number
+        return
+    if kind == "json":
         with open(path, "rb") as f:
             raw = f.read()
+        bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
         try:
-            text = raw.decode("utf-8-sig")
+            text = raw[bom:].decode("utf-8")
         except UnicodeDecodeError as e:
-            line = raw.count(b"\n", 0, e.start) + 1
-            raise DataError(f"{path} line {line}: not UTF-8 (byte 0x{raw[e.start]:02x})") from None
+            at = bom + e.start
+            line = raw.count(b"\n", 0, at) + 1
+            raise DataError(f"{path} line {line}: not UTF-8 (byte 0x{raw[at]:02x})") from None
         samples = parse_json(text, path, with_line=True)
         if not isinstance(samples, list):
             raise DataError(f"{path}: expected a JSON array of samples")
@@ -689,6 +860,63 @@ def iter_raw_samples(path, start=0, end=None, first_line=1):
             if line.strip():
                 yield f"{path} line {line_number}", parse_json(line, f"{path} line {line_number}"), offset
             offset += len(line)
+
+
+def table_rows(path, kind, start=0, end=None):
+    """The rows of a Parquet file or a dataset, from `start` to `end`, as dicts."""
+    if kind == "hub":
+        dataset = load_hub_dataset(path)
+        yield from dataset.select(range(start, len(dataset) if end is None else end))
+        return
+    import pyarrow.parquet
+
+    try:
+        row = 0
+        for batch in pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=1000):
+            if row + batch.num_rows > start:
+                for item in batch.slice(max(start - row, 0)).to_pylist():
+                    if end is not None and row >= end:
+                        return
+                    yield item
+                    row += 1
+            else:
+                row += batch.num_rows
+    except pyarrow.ArrowException as e:
+        raise DataError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
+
+
+def table_length(path, kind):
+    if kind == "hub":
+        return len(load_hub_dataset(path))
+    import pyarrow.parquet
+
+    try:
+        return pyarrow.parquet.ParquetFile(path).metadata.num_rows
+    except pyarrow.ArrowException as e:
+        raise DataError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
+
+
+def without_nulls(value):
+    """A table row as a sample: a table has every column in every row (null where a sample has no such field),
+    and so has every struct in a list of messages; drop those nulls."""
+    if isinstance(value, dict):
+        return {key: without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [without_nulls(item) for item in value]
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def load_hub_dataset(part):
+    """A dataset id's split through `datasets.load_dataset` (offline: only what the local datasets cache holds)."""
+    import datasets
+
+    name, _, split = part.removeprefix(HUB_PREFIX).partition(":")
+    try:
+        return datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # the library raises many kinds (offline, no such dataset or split): all mean "cannot"
+        raise DataError(f"{name}: cannot load this dataset{f' (split {split})' if split else ''}: {first_line(e)}; "
+                        "offline, only a dataset already in the local datasets cache loads") from None
 
 
 def refuse_constant(name):
@@ -1118,6 +1346,9 @@ class SupervisedDataset(Dataset):
     def examples(self):
         return (self.example(i) for i in range(len(self)))
 
+    def trained_tokens(self):
+        return int((self.labels != IGNORE_INDEX).sum())
+
     @property
     def lengths(self):
         """Token counts, for --group_by_length (from the offsets: no second pass over the data)."""
@@ -1168,7 +1399,13 @@ def load_or_build_tokenized(path, encoder, cache_dir, num_workers, batch_size):
             shutil.rmtree(folder, ignore_errors=True)
             raise
         return folder
-    os.makedirs(cache_dir, exist_ok=True)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache_dir):
+            pass
+    except OSError as e:
+        log.warning(f"--data_cache_dir {cache_dir}: cannot write there ({e.strerror}); tokenizing without a cache")
+        return load_or_build_tokenized(path, encoder, None, num_workers, batch_size)
     entry = os.path.join(cache_dir, tokenized_cache_entry(path, encoder))
     rank = int(os.environ.get("RANK", "0"))
     if os.path.isdir(entry):
@@ -1177,7 +1414,8 @@ def load_or_build_tokenized(path, encoder, cache_dir, num_workers, batch_size):
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return wait_for_cache_entry(path, entry, rank)
     with open(entry + ".lock", "a") as lock:  # one builder per entry, also across jobs sharing the cache
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # without locks on this file system, a second builder's entry is as good
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.isdir(entry):  # built by whoever held the lock before
             return entry
         error_file = entry + ".error"
@@ -1263,8 +1501,13 @@ def build_tokenized(path, encoder, folder, num_workers, batch_size):
 def split_into_line_runs(path, parts):
     """[(first byte, end byte, first line number)]: `parts` runs of whole lines of a JSON Lines file (one run for a
     JSON array, which must be parsed whole)."""
+    kind = detect_format(path)
+    if kind in ("parquet", "hub"):  # runs of rows
+        rows = table_length(path, kind)
+        bounds = [rows * k // max(parts, 1) for k in range(max(parts, 1) + 1)] if rows >= 1000 else [0, rows]
+        return [(start, end, start) for start, end in zip(bounds, bounds[1:])]
     size = os.path.getsize(path)
-    if parts <= 1 or size < (1 << 20) or detect_format(path) == "json":
+    if parts <= 1 or size < (1 << 20) or kind == "json":
         return [(0, size, 1)]
     runs, start, line = [], 0, 1
     with open(path, "rb") as f:
@@ -1369,23 +1612,91 @@ class LazySupervisedDataset(Dataset):
         return as_lists(self.encoder.encode([self.encoder.parse(sample, where)])[0])
 
 
-def make_dataset(path, encoder, data_args):
-    if data_args.lazy_preprocess:
-        dataset = LazySupervisedDataset(path, encoder)
-    else:
-        dataset = SupervisedDataset(path, encoder, cache_dir=data_args.data_cache_dir,
-                                    num_workers=data_args.preprocessing_num_workers)
-    dropped = sum(dataset.dropped.values())
-    if dropped:
-        reasons = ", ".join(f"{count} with {reason}" for reason, count in dataset.dropped.items())
-        log.warning(f"{path}: dropped {dropped} sample(s): {reasons}")
-    for notice, count in dataset.notices.items():
-        if count:
-            log.warning(f"{path}: {count} sample(s) with {notice}")
+def make_dataset(specs, encoder, data_args, seed=0, lazy=None):
+    """The samples of every source (--data_path or --eval_data_path), each file tokenized (or, lazily, checked) on
+    its own, and from each source the samples its #count or #fraction asks for, chosen by `seed`."""
+    lazy = data_args.lazy_preprocess if lazy is None else lazy
+    parts, part_of, index_in_part, reports = [], [], [], []
+    for k, source in enumerate(parse_sources(split_names(specs))):
+        datasets = [LazySupervisedDataset(path, encoder) if lazy else
+                    SupervisedDataset(path, encoder, cache_dir=data_args.data_cache_dir,
+                                      num_workers=data_args.preprocessing_num_workers) for path in source.parts]
+        sizes = np.array([len(d) for d in datasets])
+        chosen = choose_samples(int(sizes.sum()), source.take, np.random.default_rng([seed, k]))
+        which = np.searchsorted(np.cumsum(sizes), chosen, side="right")
+        part_of.append(which + len(parts))
+        index_in_part.append(chosen - np.concatenate([[0], np.cumsum(sizes)])[which])
+        parts += datasets
+        reports.append(report_source(source, datasets, len(chosen)))
+    dataset = MixedDataset(parts, np.concatenate(part_of), np.concatenate(index_in_part), reports)
     if len(dataset) == 0:
-        raise DataError(f"{path}: every sample was dropped ({DROP_REASON_TRUNCATED}); raise --model_max_length")
-    log.info(f"{path}: {len(dataset)} samples kept, {dropped} dropped")
+        raise DataError(f"{', '.join(specs)}: every sample was dropped ({DROP_REASON_TRUNCATED}); raise "
+                        "--model_max_length")
     return dataset
+
+
+def choose_samples(total, take, rng):
+    """Indices of the samples a source gives: all; a count (every sample as often as it fits, the rest drawn
+    without repeats); or a fraction of the total."""
+    if take is None or total == 0:
+        return np.arange(total)
+    count = take if isinstance(take, int) else int(round(take * total))
+    repeats, rest = divmod(count, total)
+    return np.sort(np.concatenate([np.tile(np.arange(total), repeats), rng.choice(total, rest, replace=False)]))
+
+
+def report_source(source, datasets, taken):
+    """One line per source: samples read, kept, dropped (and why), taken; logged, and shown by --preprocess_only."""
+    dropped, notices = sum((d.dropped for d in datasets), Counter()), sum((d.notices for d in datasets), Counter())
+    kept = sum(len(d) for d in datasets)
+    why = f" ({', '.join(f'{count} with {reason}' for reason, count in dropped.items())})" if dropped else ""
+    line = (f"{source.spec}: {kept + sum(dropped.values()):,} read, {kept:,} kept, {sum(dropped.values()):,} "
+            f"dropped{why}, {taken:,} taken")
+    log.warning(line) if dropped else log.info(line)
+    for notice, count in notices.items():
+        if count:
+            log.warning(f"{source.spec}: {count} sample(s) with {notice}")
+    return line
+
+
+class MixedDataset(Dataset):
+    """The samples taken from several data sets: sample i is parts[part_of[i]][index_in_part[i]]."""
+
+    def __init__(self, parts, part_of, index_in_part, reports):
+        self.parts, self.part_of, self.index_in_part, self.reports = parts, part_of, index_in_part, reports
+        self.dropped = sum((part.dropped for part in parts), Counter())
+        self.notices = sum((part.notices for part in parts), Counter())
+        self.notices.update({notice: 0 for part in parts for notice in part.notices})  # keep zero counts visible
+
+    def __len__(self):
+        return len(self.index_in_part)
+
+    def __getitem__(self, i):
+        return self.parts[self.part_of[i]][int(self.index_in_part[i])]
+
+    def example(self, i):
+        return self.parts[self.part_of[i]].example(int(self.index_in_part[i]))
+
+    @property
+    def examples(self):
+        return (self.example(i) for i in range(len(self)))
+
+    @property
+    def lengths(self):
+        """Token counts of the samples taken (estimates for lazy parts), for --group_by_length."""
+        lengths = np.zeros(len(self), dtype=np.int64)
+        for k, part in enumerate(self.parts):
+            mine = self.part_of == k
+            lengths[mine] = np.asarray(part.lengths)[self.index_in_part[mine]]
+        return lengths
+
+    @property
+    def full_lengths(self):
+        """Every sample read, before truncation, dropped ones included (for the length histogram)."""
+        return np.concatenate([np.asarray(part.full_lengths) for part in self.parts])
+
+    def trained_tokens(self):
+        return sum(int((np.asarray(example["labels"]) != IGNORE_INDEX).sum()) for example in self.examples)
 
 
 class ExampleSubset(torch.utils.data.Subset):
@@ -1461,8 +1772,9 @@ TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 def describe_dataset(dataset):
     """A short report: samples kept and dropped, token counts, lengths."""
     lengths = np.array(dataset.lengths)
-    trained = int((dataset.labels != IGNORE_INDEX).sum())
-    lines = [f"samples kept: {len(dataset)}", f"samples dropped: {sum(dataset.dropped.values())}"]
+    trained = dataset.trained_tokens()
+    lines = list(getattr(dataset, "reports", []))
+    lines += [f"samples kept: {len(dataset)}", f"samples dropped: {sum(dataset.dropped.values())}"]
     lines += [f"  {count} with {reason}" for reason, count in dataset.dropped.items()]
     lines += [f"notice: {count} sample(s) with {notice}" for notice, count in dataset.notices.items() if count]
     if len(lengths):
@@ -1679,19 +1991,26 @@ class StopOnSignal(transformers.TrainerCallback):
     the command resumes there. A second Ctrl-C ends the process at once; a repeated SIGTERM does not (schedulers
     and launchers often both send one)."""
 
-    def __init__(self):
-        self.signal_name, self.stopped_at_step, self._previous = None, None, {}
+    def __init__(self, divergence=None):
+        self.signal_name, self.stopped_at_step = None, None
+        self.divergence = divergence  # a step that went wrong is not checkpointed, signal or not
+        self.saved_step = None  # the step of the newest checkpoint on disk (or resumed from)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        self.saved_step = state.global_step
+        for sig in (signal.SIGTERM, signal.SIGINT):  # kept after training: a signal then waits for the final save
             try:
-                self._previous[sig] = signal.signal(sig, self._note)
+                signal.signal(sig, self._note)
             except ValueError:  # not the main thread: leave signals alone
                 pass
 
-    def on_train_end(self, args, state, control, **kwargs):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    def on_save(self, args, state, control, **kwargs):
+        self.saved_step = state.global_step
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopped_at_step is not None:  # the epoch's own evaluation and save would spend the grace period
+            control.should_evaluate = False
+            control.should_save = self._should_save(state)
 
     def _note(self, signum, frame):
         self.signal_name = self.signal_name or signal.Signals(signum).name
@@ -1710,8 +2029,13 @@ class StopOnSignal(transformers.TrainerCallback):
         self.signal_name = self.signal_name or "SIGTERM"
         control.should_training_stop = True
         control.should_evaluate = False  # the grace period is for the checkpoint
-        control.should_save = state.global_step > 0
+        control.should_save = self._should_save(state)
         self.stopped_at_step = state.global_step
+
+    def _should_save(self, state):
+        """A checkpoint of the last completed step, unless it is on disk already or that step went wrong."""
+        went_wrong = self.divergence is not None and self.divergence.in_a_row > 0
+        return state.global_step > 0 and state.global_step != self.saved_step and not went_wrong
 
 
 class StopOnDivergence(transformers.TrainerCallback):
@@ -1721,8 +2045,10 @@ class StopOnDivergence(transformers.TrainerCallback):
     Under DeepSpeed the engine steps inside backward, so there the step cannot be skipped: the weights turn
     non-finite, every following step counts, and the run stops with the last good checkpoint as its result."""
 
-    def __init__(self, limit):
+    def __init__(self, limit, loss_scaling=False):
         self.limit, self.in_a_row, self.first_bad_step = limit, 0, None
+        # fp16 loss scaling overflows the gradients now and then by design; the scaler skips those steps itself.
+        self.loss_scaling = loss_scaling
         self.loss_finite = True  # of every micro-batch of the current step, on this rank
         self.grad_norm = None
         self.stopped = False
@@ -1731,7 +2057,8 @@ class StopOnDivergence(transformers.TrainerCallback):
         self.loss_finite = self.loss_finite and bool(torch.isfinite(loss).all())
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        bad = not self.loss_finite or (self.grad_norm is not None and not math.isfinite(self.grad_norm))
+        overflow = self.grad_norm is not None and not math.isfinite(self.grad_norm) and not self.loss_scaling
+        bad = not self.loss_finite or overflow
         self.step_is_bad = any_rank(bad, args.device)
         if self.step_is_bad and model is not None:
             model.zero_grad(set_to_none=True)  # torch optimizers skip parameters without a gradient
@@ -1750,12 +2077,21 @@ class StopOnDivergence(transformers.TrainerCallback):
         if self.in_a_row >= self.limit:
             control.should_training_stop, self.stopped = True, True
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.in_a_row:  # an epoch that ends on a bad step is not saved either
+            control.should_save = False
+
 
 class RecordTrainingData(transformers.TrainerCallback, transformers.trainer_callback.ExportableState):
     """Writes the training data's content hash into every checkpoint's trainer_state.json, for resume to compare."""
 
     def __init__(self, fingerprint):
         self.fingerprint = fingerprint
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # transformers 5.x: a resumed state (an older checkpoint) lacks our entry, and the Trainer's checkpoint
+        # save looks every exportable callback up by name.
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
 
     def state(self):
         return {"args": {"fingerprint": self.fingerprint}, "attributes": {}}
@@ -1802,7 +2138,7 @@ class FinetuneTrainer(transformers.Trainer):
                         "launchers (one process per GPU) to keep it")
         elif self.args.chunked_loss:
             self.compute_loss_func = ChunkedCausalLMLoss(self.model, self.args.loss_chunk_size)
-        self.divergence = StopOnDivergence(self.args.max_nonfinite_steps)
+        self.divergence = StopOnDivergence(self.args.max_nonfinite_steps, loss_scaling=self.args.fp16)
         self.add_callback(self.divergence)
         self._tokens = self._trained_tokens = 0  # this device's, since the last log
         self._total_tokens = self._total_trained_tokens = 0
@@ -1884,10 +2220,10 @@ class FinetuneTrainer(transformers.Trainer):
 def train(argv=None):
     model_args, data_args, training_args, lora_args = parse_arguments(argv)
     agreed_by_all_ranks(claim_output_dir, training_args.output_dir, model_args.model_name_or_path)
-    fingerprint = agreed_by_all_ranks(data_fingerprint, [data_args.data_path]) if not data_args.preprocess_only \
-        else None
-    resume_from, weights_from = agreed_by_all_ranks(resolve_resume_checkpoint, training_args, model_args, lora_args,
-                                                    fingerprint)
+    fingerprint = None if data_args.preprocess_only else agreed_by_all_ranks(
+        sources_fingerprint, data_args, training_args)
+    resume_from, weights_from = (None, None) if data_args.preprocess_only else agreed_by_all_ranks(
+        resolve_resume_checkpoint, training_args, model_args, lora_args, fingerprint)
     if weights_from:
         start_from_weights_of(weights_from, model_args, lora_args)
 
@@ -1897,13 +2233,13 @@ def train(argv=None):
     encoder = ChatEncoder(tokenizer, training_args.model_max_length, data_args.system_message,
                           data_args.template)
     if data_args.preprocess_only:
-        preview(SupervisedDataset(data_args.data_path, encoder, cache_dir=data_args.data_cache_dir,
-                                  num_workers=data_args.preprocessing_num_workers), tokenizer, training_args.output_dir)
+        preview(make_dataset(data_args.data_path, encoder, data_args, training_args.seed, lazy=False), tokenizer,
+                training_args.output_dir)
         return
-    train_dataset = make_dataset(data_args.data_path, encoder, data_args)
+    train_dataset = make_dataset(data_args.data_path, encoder, data_args, training_args.seed)
     eval_dataset = None
     if data_args.eval_data_path:
-        eval_dataset = make_dataset(data_args.eval_data_path, encoder, data_args)
+        eval_dataset = make_dataset(data_args.eval_data_path, encoder, data_args, training_args.seed)
     elif data_args.val_size:
         train_dataset, eval_dataset = split_off_validation(train_dataset, data_args.val_size, training_args.seed)
 
@@ -1917,7 +2253,7 @@ def train(argv=None):
         data_collator=make_collator(tokenizer, training_args.packing),
         processing_class=tokenizer,
     )
-    stop_on_signal = StopOnSignal()
+    stop_on_signal = StopOnSignal(trainer.divergence)
     trainer.add_callback(stop_on_signal)
     trainer.add_callback(RecordTrainingData(fingerprint))
     if resume_from:
@@ -1947,6 +2283,9 @@ def train(argv=None):
         curves = os.path.join(training_args.output_dir, "training_curves.png")
         plot_training_curves(trainer.state.log_history, curves)
         log.info(f"loss and learning-rate curves: {curves}")
+    if stop_on_signal.signal_name:  # it came after the last step: the result was saved first
+        log.warning(f"{stop_on_signal.signal_name} received during the final save, which was completed")
+        exit_after_signal(getattr(signal, stop_on_signal.signal_name))
 
 
 def report_signal_stop(stop_on_signal, training_args):
@@ -1960,12 +2299,23 @@ def report_signal_stop(stop_on_signal, training_args):
         log.warning(f"stopped by {stop_on_signal.signal_name} at step {step}; checkpoint-{step} holds the weights only "
                     "(--save_only_model), so a rerun starts afresh; they are in "
                     f"{os.path.join(training_args.output_dir, f'checkpoint-{step}')}")
+    elif checkpoint_problem(os.path.join(training_args.output_dir, f"checkpoint-{step}"), step) is not None:
+        log.warning(f"stopped by {stop_on_signal.signal_name} at step {step}, which went wrong: nothing saved; a rerun "
+                    "resumes from the newest good checkpoint")
     else:
         log.warning(f"stopped by {stop_on_signal.signal_name} at step {step}; the checkpoint is "
                     f"{os.path.join(training_args.output_dir, f'checkpoint-{step}')}; run the same command again to "
                     "resume from it")
-    # Under torchrun our launcher asks for 0, so that torchrun reports no failure; the launcher itself exits 143.
-    sys.exit(int(os.environ.get("FINETUNE_SIGNAL_EXIT_CODE", 128 + getattr(signal, stop_on_signal.signal_name))))
+    exit_after_signal(getattr(signal, stop_on_signal.signal_name))
+
+
+def exit_after_signal(signum):
+    """Exit 128 + the signal, or what our launcher asks for under torchrun (0, so that torchrun reports no failure;
+    the launcher exits 143 itself). The launcher repeats its SIGTERM until we are gone: ignore it from here on,
+    or it would end the interpreter's shutdown."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(int(os.environ.get("FINETUNE_SIGNAL_EXIT_CODE", 128 + signum)))
 
 
 def start_from_weights_of(checkpoint, model_args, lora_args):
@@ -1989,7 +2339,7 @@ def remove_checkpoints(output_dir):
 
 def stop_before_training(signum, frame):
     log.warning(f"stopped by {signal.Signals(signum).name} before training started; nothing to save")
-    sys.exit(128 + signum)
+    exit_after_signal(signum)
 
 
 def main(argv=None):

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # LoRA fine-tuning of a Qwen chat model on your conversations, on one GPU, all GPUs of a node, or several nodes.
 #
-#   bash finetune_lora.sh [-m MODEL] [-d DATA] [-o OUTPUT] [--ds CONFIG|none] [any finetune.py flag ...]
+#   bash finetune_lora.sh [-c RUN.yaml] [-m MODEL] [-d DATA] [-o OUTPUT] [--ds CONFIG|none] [any finetune.py flag ...]
 #
-# MODEL, DATA, OUTPUT and DS_CONFIG may also come from the environment. Flags after them go to finetune.py
-# unchanged and win over the defaults below (for example --num_train_epochs 1 or --model_max_length 4096).
+# MODEL, DATA, OUTPUT and DS_CONFIG may also come from the environment. -c RUN.yaml (or .json): a file of
+# finetune.py settings (see examples/*.yaml) that wins over the defaults below. Flags after them go to finetune.py
+# unchanged and win over both (for example --num_train_epochs 1 or --model_max_length 4096).
 # Processes: NPROC_PER_NODE (default: every visible GPU, 1 without one), NNODES (1), NODE_RANK (0),
 # MASTER_ADDR (127.0.0.1; required when NNODES > 1), MASTER_PORT (29500), RDZV_TIMEOUT (seconds the nodes wait
 # for each other before giving up, 300). One process runs `python`, more run `torchrun`.
@@ -25,14 +26,18 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 RDZV_TIMEOUT="${RDZV_TIMEOUT:-300}"
 
 fail() { echo "error: $*" >&2; exit 2; }
-usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 passthrough=()
+config=()
+explicit=()  # -m/-d/-o given on this command line: they win over a config file, so they go after it
 while [ $# -gt 0 ]; do
     case "$1" in
-        -m|--model)  [ $# -ge 2 ] || fail "$1 needs a value"; MODEL="$2"; shift 2 ;;
-        -d|--data)   [ $# -ge 2 ] || fail "$1 needs a value"; DATA="$2"; shift 2 ;;
-        -o|--output) [ $# -ge 2 ] || fail "$1 needs a value"; OUTPUT="$2"; shift 2 ;;
+        -c|--config) [ $# -ge 2 ] || fail "$1 needs a value"; [ -f "$2" ] || fail "config file $2 not found"
+                     config=(--config "$2"); CONFIG_FILE="$2"; shift 2 ;;
+        -m|--model)  [ $# -ge 2 ] || fail "$1 needs a value"; MODEL="$2"; explicit+=(--model_name_or_path "$2"); shift 2 ;;
+        -d|--data)   [ $# -ge 2 ] || fail "$1 needs a value"; DATA="$2"; explicit+=(--data_path "$2"); shift 2 ;;
+        -o|--output) [ $# -ge 2 ] || fail "$1 needs a value"; OUTPUT="$2"; explicit+=(--output_dir "$2"); shift 2 ;;
         --ds)        [ $# -ge 2 ] || fail "$1 needs a value"; DS_CONFIG="$2"; shift 2 ;;
         -h|--help)   usage; exit 0 ;;
         *)           passthrough+=("$1"); shift ;;
@@ -48,6 +53,9 @@ NPROC_PER_NODE="${NPROC_PER_NODE:-$(( GPUS > 0 ? GPUS : 1 ))}"
 for arg in "${passthrough[@]}"; do  # a precision flag given on the command line wins over PRECISION
     case "$arg" in --bf16|--bf16=*|--fp16|--fp16=*) PRECISION=fp32 ;; esac
 done
+if [ -n "${CONFIG_FILE:-}" ] && grep -Eq '^[[:space:]]*"?(bf16|fp16)"?[[:space:]]*:' "$CONFIG_FILE"; then
+    PRECISION=fp32  # and so does one in the config file
+fi
 case "$PRECISION" in
     bf16) precision_flags=(--bf16 true) ;;
     fp16) precision_flags=(--fp16 true) ;;
@@ -102,6 +110,8 @@ cmd=("${launcher[@]}" "$HERE/finetune.py"
     --save_strategy steps
     --save_steps 100
     --save_total_limit 3
+    "${config[@]}"
+    "${explicit[@]}"
     "${passthrough[@]}")
 
 echo "+ ${cmd[*]}"
@@ -113,17 +123,28 @@ fi
 # SIGTERM and Ctrl-C here, this script hands them to the workers, and the workers stop at their next micro-batch,
 # write the checkpoint of the last completed step and exit 0 for it (FINETUNE_SIGNAL_EXIT_CODE), so that torchrun
 # reports no failure; this script then exits 128 + the signal, as a single process would.
+# The workers get SIGTERM for Ctrl-C too (a repeated SIGINT would end them at once), again every second until
+# they are gone: one still importing ignores it until finetune.py starts listening. A second Ctrl-C kills them.
 ( trap '' TERM INT; PET_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT FINETUNE_SIGNAL_EXIT_CODE=0 exec "${cmd[@]}" ) &
 child=$!
 signalled=""
-forward() { signalled="$1"; pkill "-$1" -P "$child" 2>/dev/null || true; }
-trap 'forward TERM' TERM
-trap 'forward INT' INT
-while kill -0 "$child" 2>/dev/null; do wait "$child" || true; done
+on_signal() {
+    [ "$signalled" = INT ] && [ "$1" = INT ] && { pkill -KILL -P "$child" 2>/dev/null || true; }
+    signalled="${signalled:-$1}"
+}
+trap 'on_signal TERM' TERM
+trap 'on_signal INT' INT
+while kill -0 "$child" 2>/dev/null; do
+    if [ -z "$signalled" ]; then
+        wait "$child" || true
+    else  # no worker yet (rendezvous): torchrun stops on SIGHUP
+        pkill -TERM -P "$child" 2>/dev/null || kill -HUP "$child" 2>/dev/null || true
+        sleep 1
+    fi
+done
 status=0
 wait "$child" || status=$?
-case "$signalled" in
-    TERM) exit 143 ;;
-    INT)  exit 130 ;;
-    *)    exit "$status" ;;
-esac
+if [ -n "$signalled" ] && [ "$status" -eq 0 ]; then  # the workers saved and stopped as asked
+    [ "$signalled" = TERM ] && exit 143 || exit 130
+fi
+exit "$status"

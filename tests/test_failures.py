@@ -61,9 +61,10 @@ def test_text_that_cannot_be_tokenized_is_refused_at_start_naming_the_line(token
     assert str(error.value).startswith(f"{path} line 2") and problem in str(error.value), str(error.value)
 
 
-def test_a_latin1_byte_in_a_json_array_names_its_line(tokenizer, tmp_path):
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_a_latin1_byte_in_a_json_array_names_its_line(tokenizer, tmp_path, bom):
     path = tmp_path / "train.json"
-    path.write_bytes(b'[\n' + GOOD_LINE.encode() + b',\n{"messages": [{"role": "user", "content": "caf\xe9"}]}\n]')
+    path.write_bytes(bom + b'[\n' + GOOD_LINE.encode() + b',\n{"messages": [{"role": "user", "content": "caf\xe9"}]}\n]')
     with pytest.raises(finetune.DataError, match=r"train.json line 3: not UTF-8 \(byte 0xe9\)"):
         finetune.SupervisedDataset(str(path), make_encoder(tokenizer))
 
@@ -257,13 +258,18 @@ def test_resuming_on_other_data_is_refused_unless_asked_for(tmp_path):
         "global_step": 3, "stateful_callbacks": {"RecordTrainingData": {"args": {"fingerprint": "a" * 64}}}})
     args = training_args(tmp_path)
     assert finetune.resolve_resume_checkpoint(args, fingerprint="a" * 64) == (checkpoint, None)
-    with pytest.raises(finetune.UserError, match="checkpoint-3 was trained on other data than --data_path now holds "
-                                                 r"\(content hash aaaaaaaaaaaa then, bbbbbbbbbbbb now\); start afresh "
-                                                 "with --overwrite_output_dir true, or continue from its weights on "
-                                                 "the new data with --resume_on_new_data true"):
+    with pytest.raises(finetune.UserError, match="checkpoint-3 was trained on other data than --data_path now holds, "
+                                                 r"or with other .*\(content hash aaaaaaaaaaaa then, bbbbbbbbbbbb "
+                                                 r"now\); start afresh with --overwrite_output_dir true, or continue "
+                                                 "from its weights on the new data with --resume_on_new_data true"):
         finetune.resolve_resume_checkpoint(args, fingerprint="b" * 64)
+    # Continuing on purpose: the old data's checkpoints move aside, so that rotation and later resumes see only
+    # the new run's; the weights come from where the checkpoint went.
+    aside = str(tmp_path / "out" / "previous-data-aaaaaaaaaaaa" / "checkpoint-3")
     assert finetune.resolve_resume_checkpoint(training_args(tmp_path, resume_on_new_data=True),
-                                              fingerprint="b" * 64) == (None, checkpoint)
+                                              fingerprint="b" * 64) == (None, aside)
+    assert not os.path.exists(checkpoint) and finetune.checkpoint_problem(aside, 3) is None
+    assert finetune.resolve_resume_checkpoint(args, fingerprint="b" * 64) == (None, None)  # nothing left to resume
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -298,7 +304,55 @@ def test_non_finite_steps_are_skipped_and_enough_in_a_row_stop_training():
     assert guard.first_bad_step == 4
 
 
-def test_a_sigterm_with_save_only_model_does_not_promise_a_resume(tmp_path, caplog):
+def test_fp16_loss_scaling_overflows_are_not_divergence_but_a_non_finite_loss_is():
+    guard = finetune.StopOnDivergence(limit=1, loss_scaling=True)
+    control, state = finetune.transformers.TrainerControl(), finetune.transformers.TrainerState()
+
+    class Args:
+        device = torch.device("cpu")
+
+    guard.note_loss(torch.tensor(2.0))
+    guard.grad_norm = float("inf")  # the scaler skips this step and lowers its scale
+    guard.on_pre_optimizer_step(Args, state, control)
+    guard.on_step_end(Args, state, control)
+    assert not control.should_training_stop and guard.in_a_row == 0
+    guard.note_loss(torch.tensor(float("nan")))
+    guard.on_pre_optimizer_step(Args, state, control)
+    guard.on_step_end(Args, state, control)
+    assert control.should_training_stop
+
+
+@pytest.fixture
+def own_signal_handlers():
+    """Tests that install finetune's handlers in this process give the old ones back (subprocesses inherit them)."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_a_signal_saves_only_a_step_that_is_new_and_went_right(own_signal_handlers):
+    guard = finetune.StopOnDivergence(limit=3)
+    stop = finetune.StopOnSignal(guard)
+    state = finetune.transformers.TrainerState()
+    state.global_step = 4
+    stop.on_train_begin(None, state, None)  # resumed from checkpoint-4
+    assert not stop._should_save(state)  # it is on disk already: never rewrite it inside a grace period
+    state.global_step = 5
+    assert stop._should_save(state)
+    guard.in_a_row = 1
+    assert not stop._should_save(state)  # step 5 went wrong
+
+
+def test_an_unwritable_cache_folder_tokenizes_without_the_cache(tokenizer, tmp_path, caplog):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD])
+    (tmp_path / "a_file").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        dataset = finetune.SupervisedDataset(path, make_encoder(tokenizer), cache_dir=str(tmp_path / "a_file" / "c"))
+    assert len(dataset) == 1 and "--data_cache_dir" in caplog.text and "tokenizing without a cache" in caplog.text
+
+
+def test_a_sigterm_with_save_only_model_does_not_promise_a_resume(tmp_path, caplog, own_signal_handlers):
     stop = finetune.StopOnSignal()
     stop.signal_name, stop.stopped_at_step = "SIGTERM", 5
     with caplog.at_level(logging.WARNING, logger="finetune"), pytest.raises(SystemExit) as exit_status:
@@ -352,10 +406,24 @@ def test_reruns_on_changed_data_or_flags_stop_in_one_line_or_continue_on_purpose
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and expected in errors[0]
-    result = run("--resume_on_new_data", "true", "--max_steps", "1", "--save_strategy", "no")
+    result = run("--resume_on_new_data", "true", "--save_steps", "1")
     assert_success(result)
     assert "starting from its weights on the new data (--resume_on_new_data)" in result.stderr
-    assert len(train_losses(out)) == 1  # a fresh epoch count and schedule
+    assert len(train_losses(out)) == 2  # a fresh epoch count and schedule
+    # The old data's checkpoint went aside: rotation and the next resume see only the new run's.
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-1", "checkpoint-2"]
+    [aside] = [n for n in os.listdir(out) if n.startswith("previous-data-")]
+    assert os.listdir(os.path.join(out, aside)) == ["checkpoint-2"]
+
+    # A checkpoint of an older release records no data: it resumes (with a word), and its saves work.
+    state_file = os.path.join(out, "checkpoint-2", "trainer_state.json")
+    state = json.load(open(state_file))
+    del state["stateful_callbacks"]["RecordTrainingData"]
+    json.dump(state, open(state_file, "w"))
+    result = run("--max_steps", "3", "--save_steps", "3")
+    assert_success(result)
+    assert "does not record what data it was trained on" in result.stderr
+    assert finetune.recorded_fingerprint(os.path.join(out, "checkpoint-3")) is not None
 
 
 @pytest.mark.e2e

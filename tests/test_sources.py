@@ -1,0 +1,193 @@
+"""Several data sources (JSON Lines, Parquet, folders, globs, dataset ids), mixing by count or fraction, and runs
+described in a config file."""
+import collections
+import glob
+import json
+import os
+import shutil
+
+import pytest
+from conftest import ROOT, make_encoder, run_cli, write_jsonl
+from test_e2e import assert_success, train_losses
+from test_model import training_args
+
+import finetune
+
+
+def conversation(name, tools=False):
+    messages = [{"role": "user", "content": f"Tell me about {name}."},
+                {"role": "assistant", "content": f"{name} is a sample of its own."}]
+    if tools:  # null content next to tool calls, as OpenAI writes them
+        call = {"type": "function", "function": {"name": "lookup", "arguments": json.dumps({"q": name})}}
+        messages[1:1] = [{"role": "assistant", "content": None, "tool_calls": [call]},
+                         {"role": "tool", "content": f"facts about {name}"}]
+    return {"messages": messages}
+
+
+def write_parquet(path, samples):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = list(dict.fromkeys(key for sample in samples for key in sample))  # a table has every column
+    pq.write_table(pa.table({key: [sample.get(key) for sample in samples] for key in columns}), path)
+    return str(path)
+
+
+def data_args(tmp_path, **kwargs):
+    return finetune.DataArguments(data_path="unused", data_cache_dir=str(tmp_path / "cache"), **kwargs)
+
+
+def names_of(dataset, encoder, samples_by_name):
+    """Which named sample each example of the dataset is (by its token ids)."""
+    ids = {tuple(encoder.encode([encoder.parse(sample, name)])[0]["input_ids"].tolist()): name
+           for name, sample in samples_by_name.items()}
+    return [ids[tuple(dataset[i]["input_ids"])] for i in range(len(dataset))]
+
+
+@pytest.fixture
+def three_sources(tmp_path):
+    samples = {f"A{i}": conversation(f"A{i}") for i in range(10)}
+    samples.update({f"B{i}": conversation(f"B{i}") for i in range(8)})
+    samples.update({f"C{i}": conversation(f"C{i}") for i in range(6)})
+    a = write_jsonl(tmp_path / "a.jsonl", [samples[f"A{i}"] for i in range(10)])
+    b = write_parquet(tmp_path / "b.parquet", [samples[f"B{i}"] for i in range(8)])
+    os.makedirs(tmp_path / "c")
+    write_jsonl(tmp_path / "c" / "1.jsonl", [samples[f"C{i}"] for i in range(3)])
+    write_parquet(tmp_path / "c" / "2.parquet", [samples[f"C{i}"] for i in range(3, 6)])
+    (tmp_path / "c" / "notes.txt").write_text("not data")
+    return samples, [f"{a}#25", f"{b}#0.5", str(tmp_path / "c")]
+
+
+def test_sources_mixed_by_count_and_fraction_are_exact_and_follow_the_seed(tokenizer, tmp_path, three_sources):
+    samples, specs = three_sources
+    encoder = make_encoder(tokenizer)
+    dataset = finetune.make_dataset(specs, encoder, data_args(tmp_path), seed=1)
+    taken = collections.Counter(names_of(dataset, encoder, samples))
+    assert len(dataset) == 25 + 4 + 6
+    assert sorted(taken[f"A{i}"] for i in range(10)) == [2] * 5 + [3] * 5  # 25 of 10: every one twice, 5 again
+    assert sum(taken[f"B{i}"] for i in range(8)) == 4 and max(taken[f"B{i}"] for i in range(8)) == 1
+    assert all(taken[f"C{i}"] == 1 for i in range(6))  # a folder: its files in name order, taken whole
+    assert dataset.reports[0] == f"{specs[0]}: 10 read, 10 kept, 0 dropped, 25 taken"
+    assert dataset.reports[1] == f"{specs[1]}: 8 read, 8 kept, 0 dropped, 4 taken"
+
+    again = finetune.make_dataset(specs, encoder, data_args(tmp_path), seed=1)
+    assert names_of(again, encoder, samples) == names_of(dataset, encoder, samples)  # every rank, every start
+    others = [names_of(finetune.make_dataset(specs, encoder, data_args(tmp_path), seed=seed), encoder, samples)
+              for seed in (2, 3, 4)]
+    assert any(other != names_of(dataset, encoder, samples) for other in others)
+    def fingerprint(seed, **flags):  # what a checkpoint records: resume knows the mix and what cuts samples
+        return finetune.sources_fingerprint(finetune.DataArguments(data_path=specs, **flags),
+                                            training_args(tmp_path, seed=seed))
+
+    assert fingerprint(1) == fingerprint(1) != fingerprint(2)
+    assert fingerprint(1) != fingerprint(1, template="chatml")
+
+
+def test_a_parquet_table_gives_the_ids_and_labels_of_the_same_samples_as_json_lines(tokenizer, tmp_path):
+    samples = [conversation("tides", tools=True), {"system": "Answer briefly.", **conversation("reefs")},
+               {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}]
+    encoder = make_encoder(tokenizer, template="auto", system_message=None)
+    from_jsonl = finetune.SupervisedDataset(write_jsonl(tmp_path / "s.jsonl", samples), encoder)
+    from_table = finetune.SupervisedDataset(write_parquet(tmp_path / "s.parquet", samples), encoder)
+    assert len(from_table) == 3 and [from_table[i] for i in range(3)] == [from_jsonl[i] for i in range(3)]
+    lazy = finetune.LazySupervisedDataset(str(tmp_path / "s.parquet"), encoder)
+    assert [lazy[i] for i in range(3)] == [from_jsonl[i] for i in range(3)]
+
+
+def cache_a_hub_dataset(folder, repo, samples, tmp_path):
+    """Lay out `repo` in a datasets cache as the datasets library leaves a dataset it downloaded."""
+    import datasets
+
+    source = write_parquet(tmp_path / "hub.parquet", samples)
+    builder = datasets.load_dataset_builder("parquet", data_files={"train": source}, cache_dir=str(tmp_path / "b"))
+    builder.download_and_prepare()
+    org, name = repo.split("/")
+    target = os.path.join(folder, f"{org}___{name}", "default", "0.0.0", os.path.basename(builder.cache_dir))
+    shutil.copytree(builder.cache_dir, target)
+    for file in glob.glob(os.path.join(target, "parquet-*")):
+        os.rename(file, file.replace(f"{os.sep}parquet-", f"{os.sep}{name}-"))
+
+
+def test_a_dataset_id_loads_offline_from_the_local_cache_and_a_missing_one_is_one_line(tokenizer, tmp_path,
+                                                                                         monkeypatch):
+    import datasets
+
+    samples = [conversation(f"H{i}") for i in range(4)]
+    cache = str(tmp_path / "hf_datasets")
+    cache_a_hub_dataset(cache, "acme/sea-chat", samples, tmp_path)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    encoder = make_encoder(tokenizer)
+    dataset = finetune.make_dataset(["acme/sea-chat:train"], encoder, data_args(tmp_path))
+    expected = finetune.SupervisedDataset(write_jsonl(tmp_path / "h.jsonl", samples), encoder)
+    assert [dataset[i] for i in range(len(dataset))] == [expected[i] for i in range(4)]
+    with pytest.raises(finetune.DataError) as error:
+        finetune.make_dataset(["acme/not-here"], encoder, data_args(tmp_path))
+    assert str(error.value).startswith("acme/not-here: cannot load this dataset: ")
+    assert "offline, only a dataset already in the local datasets cache loads" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_rows_and_empty_sources_are_one_line_errors(tokenizer, tmp_path):
+    rows = [conversation("a"), conversation("b"), {"messages": [{"role": "user", "content": "x"},
+                                                               {"role": "assistant"}]}]
+    table = write_parquet(tmp_path / "tools.parquet", rows)
+    for workers in (1, 2):
+        with pytest.raises(finetune.DataError, match=r"^.*tools.parquet row 2: message 1 has no 'content'"):
+            finetune.make_dataset([table], make_encoder(tokenizer), data_args(tmp_path,
+                                                                              preprocessing_num_workers=workers))
+    with pytest.raises(finetune.DataError, match="nothing-here-\\*.jsonl: matches no file"):
+        finetune.make_dataset([str(tmp_path / "nothing-here-*.jsonl")], make_encoder(tokenizer), data_args(tmp_path))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(finetune.DataError, match="empty: a folder without .json, .jsonl or .parquet files"):
+        finetune.make_dataset([str(tmp_path / "empty")], make_encoder(tokenizer), data_args(tmp_path))
+    with pytest.raises(finetune.UserError, match="the amount after '#' must be positive"):
+        finetune.parse_sources([f"{table}#0"])
+
+
+def test_a_config_file_with_command_line_overrides_and_unknown_keys(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("data_path: a.jsonl, b.parquet#0.5\noutput_dir: " + str(tmp_path / "out") + "\n"
+                      "learning_rate: 2.0e-4\nuse_lora: true\nlora_r: 32\nlora_target_modules: [q_proj, v_proj]\n"
+                      "use_cpu: true\npacking: true\n")
+    model, data, training, lora = finetune.parse_arguments([str(config), "--lora_r", "8"])
+    assert data.data_path == ["a.jsonl", "b.parquet#0.5"]
+    assert training.learning_rate == 2e-4 and training.packing and lora.use_lora
+    assert lora.lora_r == 8 and lora.lora_target_modules == ["q_proj", "v_proj"]  # the command line wins
+    # --config anywhere: the flags before it are defaults it overrides (what the launchers do).
+    _, _, training, lora = finetune.parse_arguments(["--lora_r", "4", "--learning_rate", "1e-3", "--config",
+                                                     str(config), "--learning_rate", "5e-5"])
+    assert lora.lora_r == 32 and training.learning_rate == 5e-5
+    as_json = tmp_path / "run.json"
+    as_json.write_text(json.dumps({"data_path": "a.jsonl", "output_dir": str(tmp_path / "o"), "use_cpu": True}))
+    assert finetune.parse_arguments([str(as_json)])[1].data_path == ["a.jsonl"]
+    (tmp_path / "typo.yaml").write_text("data_path: a.jsonl\nlearning_rat: 1e-4\n")
+    with pytest.raises(finetune.UserError, match=f"{tmp_path / 'typo.yaml'}: unknown key 'learning_rat'"):
+        finetune.parse_arguments([str(tmp_path / "typo.yaml")])
+    (tmp_path / "broken.yaml").write_text("data_path: [a.jsonl\n")
+    with pytest.raises(finetune.UserError, match="broken.yaml: not valid YAML"):
+        finetune.parse_arguments([str(tmp_path / "broken.yaml")])
+
+
+@pytest.mark.e2e
+def test_the_launcher_runs_an_example_config_with_overrides(tiny_qwen2, tmp_path, three_sources):
+    _, specs = three_sources
+    out = str(tmp_path / "out")
+    result = run_cli(["bash", "finetune_lora.sh", "-c", os.path.join("examples", "lora_one_gpu.yaml"), "-m", tiny_qwen2,
+                      "-o", out, "--data_path", *specs, "--bf16", "false", "--max_steps", "3", "--save_strategy",
+                      "no", "--logging_steps", "1", "--per_device_train_batch_size", "4",
+                      "--gradient_accumulation_steps", "1", "--lora_alpha", "16"])
+    assert_success(result)
+    assert "--config examples/lora_one_gpu.yaml" in result.stdout
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        adapter = json.load(f)
+    assert adapter["r"] == 32 and adapter["lora_alpha"] == 16  # the file over the launcher, the command line over both
+    logged = [e for e in json.load(open(os.path.join(out, "trainer_state.json")))["log_history"] if "loss" in e]
+    assert len(train_losses(out)) == 3
+    assert max(e["learning_rate"] for e in logged) == pytest.approx(2e-4)  # the file's rate, not the launcher's
+    assert f"{specs[0]}: 10 read, 10 kept, 0 dropped, 25 taken" in result.stderr
+    parser = finetune.transformers.HfArgumentParser((finetune.ModelArguments, finetune.DataArguments,
+                                                     finetune.TrainingArguments, finetune.LoraArguments))
+    for example in ("qlora.yaml", "full_zero3_node.yaml"):  # every key of the other examples is a flag
+        arguments = finetune.expand_config_files([os.path.join(ROOT, "examples", example)], parser)
+        assert arguments[arguments.index("--data_path") + 1] == "examples/data.jsonl"
