@@ -470,10 +470,19 @@ def data_fingerprint(paths):
         # A dataset id: the bytes of the files the datasets library keeps it in.
         files = [f["filename"] for f in load_hub_dataset(path).cache_files] if path.startswith(HUB_PREFIX) else [path]
         for file in files:
-            digest.update(f"{os.path.getsize(file)}:".encode())  # where one file ends and the next begins
-            with open(file, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
+            stat = os.stat(file)
+            digest.update(file_digest(file, stat.st_size, stat.st_mtime_ns, stat.st_ino).encode())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def file_digest(path, size, mtime_ns, inode):
+    """One file's content hash, read once per process (resume and the cache key both want it); the file's size,
+    date and inode only tell whether this process has read this version already."""
+    digest = hashlib.sha256(f"{size}:".encode())  # where one file ends and the next begins
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
     return digest.hexdigest()
 
 
