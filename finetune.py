@@ -1433,7 +1433,7 @@ def load_or_build_tokenized(path, encoder, cache_dir, num_workers, batch_size):
         building = tempfile.mkdtemp(prefix=os.path.basename(entry) + ".building-", dir=cache_dir)
         started = time.perf_counter()
         try:
-            build_tokenized(path, encoder, building, num_workers, batch_size)
+            workers = build_tokenized(path, encoder, building, num_workers, batch_size)
             publish(building, entry)
         except BaseException as e:
             shutil.rmtree(building, ignore_errors=True)
@@ -1444,7 +1444,7 @@ def load_or_build_tokenized(path, encoder, cache_dir, num_workers, batch_size):
         finally:
             with contextlib.suppress(FileNotFoundError):  # a process waiting on it finds the entry once it gets it
                 os.remove(lock.name)
-    log.info(f"{path}: tokenized by rank {rank} with {num_workers} worker(s) in {time.perf_counter() - started:.1f} s "
+    log.info(f"{path}: tokenized by rank {rank} with {workers} worker(s) in {time.perf_counter() - started:.1f} s "
              f"into the cache {entry}")
     return entry
 
@@ -1473,8 +1473,9 @@ def wait_for_cache_entry(path, entry, rank):
 
 
 def build_tokenized(path, encoder, folder, num_workers, batch_size):
-    """Tokenize `path` into `folder` (TOKENIZED_ARRAYS as raw files, meta.json last), in `num_workers` processes
-    that each take a contiguous run of lines; the result is the same for any number of workers."""
+    """Tokenize `path` into `folder` (TOKENIZED_ARRAYS as raw files, meta.json last), in up to `num_workers`
+    processes that each take a contiguous run of lines (or rows); the result is the same for any number of workers.
+    Returns how many worked (a file under 1 MB is not split)."""
     parts = split_into_line_runs(path, num_workers)
     if len(parts) == 1:
         results = [tokenize_part(path, encoder, folder, 0, parts[0], batch_size)]
@@ -1505,6 +1506,7 @@ def build_tokenized(path, encoder, folder, num_workers, batch_size):
                      for name, dtype in TOKENIZED_ARRAYS.items()]
     with open(os.path.join(folder, "meta.json"), "w") as f:
         json.dump(meta, f)
+    return len(parts)
 
 
 def split_into_line_runs(path, parts):
