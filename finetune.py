@@ -55,6 +55,7 @@ from torch.utils.data import Dataset
 
 IGNORE_INDEX = -100  # label value that the loss skips
 log = logging.getLogger("finetune")
+rank_log = logging.getLogger("finetune.ranks")  # what every rank says (log itself speaks for rank 0 only)
 
 
 class UserError(Exception):
@@ -1418,7 +1419,7 @@ def load_or_build_tokenized(path, encoder, cache_dir, num_workers, batch_size):
     entry = os.path.join(cache_dir, tokenized_cache_entry(path, encoder))
     rank = int(os.environ.get("RANK", "0"))
     if os.path.isdir(entry):
-        log.info(f"{path}: tokenized data loaded from the cache {entry} (rank {rank})")
+        rank_log.info(f"rank {rank}: {path}: loaded the tokenized data from the cache {entry}")
         return entry
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return wait_for_cache_entry(path, entry, rank)
@@ -1467,8 +1468,8 @@ def wait_for_cache_entry(path, entry, rank):
             with open(entry + ".error") as f:
                 raise DataError(f.read())
         time.sleep(0.5)
-    log.warning(f"rank {rank}: {path}: loaded the tokenized data that local rank 0 built into {entry} "
-                f"(waited {time.perf_counter() - waited:.1f} s)")
+    rank_log.info(f"rank {rank}: {path}: loaded the tokenized data from the cache {entry}, which local rank 0 built "
+                  f"(waited {time.perf_counter() - waited:.1f} s)")
     return entry
 
 
@@ -2358,6 +2359,7 @@ def main(argv=None):
     # peft still calls transformers' old name for activation checkpointing; users can do nothing about it.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     log.setLevel(logging.INFO if is_main_process() else logging.WARNING)
+    rank_log.setLevel(logging.INFO)
     for sig in (signal.SIGTERM, signal.SIGINT):  # until training starts (and StopOnSignal takes over): just stop
         signal.signal(sig, stop_before_training)
     try:

@@ -55,7 +55,7 @@ def test_launcher_with_two_processes_runs_ddp_on_sharded_data(tiny_qwen2, tmp_pa
     assert "torch.distributed.run --nproc_per_node 2" in result.stdout
     # One rank tokenized into the cache, the other mapped what it wrote.
     assert result.stderr.count(f"{DATA}: tokenized by rank 0") == 1
-    assert result.stderr.count(f"rank 1: {DATA}: loaded the tokenized data that local rank 0 built") == 1
+    assert result.stderr.count(f"rank 1: {DATA}: loaded the tokenized data from the cache") == 1
     assert len(os.listdir(cache)) == 1
     # 8 samples, 2 per process and 2 processes: an epoch every 2 steps, so each rank saw its own half.
     assert [e["epoch"] for e in log_history(out) if "loss" in e] == [0.5, 1.0, 1.5, 2.0]
