@@ -1512,7 +1512,8 @@ def build_tokenized(path, encoder, folder, num_workers, batch_size):
 
 def split_into_line_runs(path, parts):
     """[(first byte, end byte, first line number)]: `parts` runs of whole lines of a JSON Lines file (one run for a
-    JSON array, which must be parsed whole)."""
+    JSON array, which must be parsed whole, and for a file under 1 MB); for a table, runs of rows
+    [(first row, end row, first row)]."""
     kind = detect_format(path)
     if kind in ("parquet", "hub"):  # runs of rows
         rows = table_length(path, kind)
