@@ -384,18 +384,23 @@ def checkpoint_problem(folder, step=None):
         return "it holds no model or adapter weights"
     if "optimizer.pt" not in names and not deepspeed_states:
         return "it holds no optimizer state (saved with --save_only_model?)"
-    if "model.safetensors.index.json" in names:
-        with open(os.path.join(folder, "model.safetensors.index.json")) as f:
-            missing = set(json.load(f).get("weight_map", {}).values()) - names
+    return weights_problem(folder, [os.path.join(d, name) for d in deepspeed_states
+                                    if os.path.isdir(os.path.join(folder, d))
+                                    for name in sorted(os.listdir(os.path.join(folder, d)))])
+
+
+def weights_problem(folder, more_files=()):
+    """The first thing wrong with a folder's weights (a model's or a checkpoint's), or None: a shard that an index
+    lists and the folder lacks, or a weights or torch file cut short (`more_files`: paths under `folder` too)."""
+    names = set(os.listdir(folder))
+    for index in sorted(name for name in names if name.endswith(".index.json")):
+        with open(os.path.join(folder, index)) as f:
+            missing = sorted(set(json.load(f).get("weight_map", {}).values()) - names)
         if missing:
-            return f"{sorted(missing)[0]} is missing"
-    files = [os.path.join(folder, name) for name in sorted(names)]
-    files += [os.path.join(folder, d, name) for d in deepspeed_states if os.path.isdir(os.path.join(folder, d))
-              for name in sorted(os.listdir(os.path.join(folder, d)))]
-    for path in files:
-        problem = weights_file_problem(path)
-        if problem:
-            return f"{os.path.relpath(path, folder)} {problem}"
+            return f"{missing[0]} (listed in {index}) is missing"
+    for name in [*sorted(names), *more_files]:
+        if problem := weights_file_problem(os.path.join(folder, name)):
+            return f"{name} {problem}"
     return None
 
 
@@ -1249,6 +1254,12 @@ class ChatEncoder:
         self.max_chars = 2 * model_max_length * max(len(token) for token in tokenizer.get_vocab())
         check_text(self.system_message or "", "--system_message", self.forbidden_tokens)
 
+    @functools.cached_property
+    def tokenizer_fingerprint(self):
+        """A hash of the tokenizer as serialized (vocabulary, merges, added tokens, normalisation): once per run,
+        not once per data file."""
+        return hashlib.sha256(self.tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
     def parse(self, sample, where):
         conversation = parse_sample(sample, where, self.forbidden_tokens)
         if self.template == "chatml" and (feature := conversation.tool_or_reasoning_feature()):
@@ -1371,7 +1382,7 @@ class SupervisedDataset(Dataset):
         return as_lists(self.example(i))
 
 
-# name: (dtype, what): the files of a tokenized data set, flat
+# The files of a tokenized data set (name: dtype), each one flat array
 TOKENIZED_ARRAYS = {"input_ids": np.int32, "labels": np.int32, "offsets": np.int64, "full_lengths": np.int32}
 # Raise whenever rendering, tokenizing or labelling changes what it produces: older cache entries then go unused.
 TOKENIZED_FORMAT_VERSION = 1
@@ -1388,7 +1399,7 @@ def tokenized_cache_entry(path, encoder):
     rendering flags and the format version; never names or dates."""
     decided_by = {
         "version": TOKENIZED_FORMAT_VERSION, "data": data_fingerprint([path]),
-        "tokenizer": hashlib.sha256(encoder.tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
+        "tokenizer": encoder.tokenizer_fingerprint,
         "special_tokens": encoder.forbidden_tokens, "chat_template": encoder.tokenizer.chat_template,
         "template": encoder.template, "system_message": encoder.system_message,
         "model_max_length": encoder.model_max_length,
@@ -1869,18 +1880,10 @@ def check_model_files(model_args):
         raise UserError(f"--model_name_or_path {path}: cannot load its config ({first_line(e)})") from None
     if not os.path.isdir(path):
         return  # a hub id: the hub's files are checked by the download
-    names = set(os.listdir(path))
-    weights = sorted(n for n in names if n.endswith((".safetensors", ".bin")) and n != "training_args.bin")
-    if not weights:
+    if not any(name.endswith((".safetensors", ".bin")) and name != "training_args.bin" for name in os.listdir(path)):
         raise UserError(f"--model_name_or_path {path}: no model weights (*.safetensors) in that folder")
-    for index in (n for n in names if n.endswith(".index.json")):
-        with open(os.path.join(path, index)) as f:
-            missing = sorted(set(json.load(f).get("weight_map", {}).values()) - names)
-        if missing:
-            raise UserError(f"--model_name_or_path {path}: {missing[0]} (listed in {index}) is missing")
-    for name in weights:
-        if problem := weights_file_problem(os.path.join(path, name)):
-            raise UserError(f"--model_name_or_path {path}: {name} {problem}")
+    if problem := weights_problem(path):
+        raise UserError(f"--model_name_or_path {path}: {problem}")
 
 
 def first_line(error):
@@ -2064,6 +2067,7 @@ class StopOnDivergence(transformers.TrainerCallback):
         self.loss_scaling = loss_scaling
         self.loss_finite = True  # of every micro-batch of the current step, on this rank
         self.grad_norm = None
+        self.step_is_bad = False  # agreed by every rank before the optimizer step
         self.stopped = False
 
     def note_loss(self, loss):
@@ -2077,8 +2081,7 @@ class StopOnDivergence(transformers.TrainerCallback):
             model.zero_grad(set_to_none=True)  # torch optimizers skip parameters without a gradient
 
     def on_step_end(self, args, state, control, **kwargs):
-        bad, self.loss_finite, self.grad_norm = getattr(self, "step_is_bad", False), True, None
-        self.step_is_bad = False
+        bad, self.step_is_bad, self.loss_finite, self.grad_norm = self.step_is_bad, False, True, None
         if not bad:
             self.in_a_row, self.first_bad_step = 0, None
             return
