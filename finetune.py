@@ -90,6 +90,11 @@ class ModelArguments:
     attn_implementation: Optional[str] = field(
         default=None, metadata={"help": "sdpa (the default), eager or flash_attention_2 (GPU, needs flash-attn)."}
     )
+    rope_scaling: Optional[float] = field(
+        default=None,
+        metadata={"help": "Stretch the model's positions by this factor with YaRN (Qwen's way past its native "
+                  "context: 4 takes a 32k model to 128k); written into the saved config."},
+    )
 
 
 @dataclass
@@ -188,6 +193,11 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     # A non-finite loss must show as nan in the logs, not be replaced by the average of the earlier ones.
     logging_nan_inf_filter: bool = field(default=False, metadata={"help": "Hide non-finite losses in the logs."})
+    sequence_parallel_size: int = field(
+        default=1,
+        metadata={"help": "Split every sequence over this many ranks (DeepSpeed Ulysses / ALST; needs --deepspeed): "
+                  "each holds 1/N of a sample's activations. Must divide the number of processes."},
+    )
     resume_on_new_data: bool = field(
         default=False,
         metadata={"help": "The newest checkpoint was trained on other data: start from its weights on the new data, "
@@ -243,6 +253,8 @@ def parse_arguments(argv=None):
     except ValueError as e:  # unknown flags and combinations the Trainer rejects
         raise UserError(str(e)) from None
     check_arguments(data_args, training_args, lora_args)
+    if model_args.rope_scaling is not None and not model_args.rope_scaling > 1:
+        raise UserError(f"--rope_scaling is YaRN's factor and must be more than 1, got {model_args.rope_scaling}")
     check_distributed_setup(training_args, lora_args)
     return model_args, data_args, training_args, lora_args
 
@@ -327,6 +339,7 @@ def check_numbers(training_args, lora_args):
                 "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
                 "loss_chunk_size": training_args.loss_chunk_size,
                 "max_nonfinite_steps": training_args.max_nonfinite_steps,
+                "sequence_parallel_size": training_args.sequence_parallel_size,
                 "lora_r": lora_args.lora_r, "lora_alpha": lora_args.lora_alpha}
     non_negative = {"learning_rate": training_args.learning_rate, "weight_decay": training_args.weight_decay,
                     "num_train_epochs": training_args.num_train_epochs, "warmup_steps": training_args.warmup_steps,
@@ -669,6 +682,99 @@ def check_distributed_setup(training_args, lora_args):
         )
     if lora_args.use_lora and training_args.ddp_find_unused_parameters is None:
         training_args.ddp_find_unused_parameters = False  # the frozen base has no gradients, by design
+
+
+SEQUENCE_PARALLEL_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
+
+
+def setup_sequence_parallelism(training_args, attn_implementation, model_config):
+    """--sequence_parallel_size N: DeepSpeed's Ulysses (ALST), driven by the Trainer's own parallelism_config.
+
+    Each rank of a group of N holds 1/N of every sequence; around attention the ranks swap slices for heads, so
+    each sees whole sequences for 1/N of the heads. Every group trains the batches its N ranks were given, one
+    after another (world size = data-parallel groups x N). The loss is ours (FinetuneTrainer.sequence_parallel_loss)."""
+    n = training_args.sequence_parallel_size
+    if n == 1:
+        return
+    flag = f"--sequence_parallel_size {n}"
+    if not training_args.deepspeed:
+        raise UserError(f"{flag} needs --deepspeed (ds_config_zero3.json or ds_config_zero2.json): DeepSpeed's "
+                        "Ulysses splits the sequences")
+    if training_args.world_size % n:
+        raise UserError(f"{flag} must divide the number of processes ({training_args.world_size})")
+    attention = attn_implementation or "sdpa"
+    if attention not in SEQUENCE_PARALLEL_ATTENTION:
+        raise UserError(f"--attn_implementation {attention} cannot be split over ranks; with {flag} use one of "
+                        f"{', '.join(SEQUENCE_PARALLEL_ATTENTION)}")
+    text_config = model_config.get_text_config()
+    heads, kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
+    if heads % n or (kv_heads % n and n % kv_heads):
+        raise UserError(f"{flag}: the model has {heads} attention heads and {kv_heads} key/value heads; N must "
+                        f"divide the attention heads, and divide or be a multiple of the key/value heads")
+    if training_args.packing:
+        # Ulysses drops the attention mask: sdpa then masks causally over the whole row. Flash attention could keep
+        # packed samples apart by their position ids, but that path cannot be tested without a GPU.
+        raise UserError(f"--packing cannot be combined with {flag}: the packed samples would attend to each other "
+                        "(long samples fill a batch without packing)")
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.utils import DeepSpeedSequenceParallelConfig
+
+    training_args.parallelism_config = ParallelismConfig(  # DeepSpeed's batch size counts the dp_shard groups
+        sp_backend="deepspeed", sp_size=n, dp_shard_size=training_args.world_size // n,
+        sp_handler=DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_attn_implementation=attention))
+    log.info(f"sequence parallelism: every sequence split over {n} ranks, "
+             f"{training_args.world_size // n} data-parallel group(s)")
+
+
+def sequence_parallel_loss_weight(training_args):
+    """What one rank's summed loss is multiplied by (before dividing by the step's trained tokens) for the reduced
+    gradient to be that of the step's token-weighted mean.
+
+    Workaround (DeepSpeed 0.19): ZeRO-1/2 sum the gradients of a sequence group and average over the data-parallel
+    groups (weight: their number), but ZeRO-3's reduce-scatter averages over every rank, ignoring the sequence
+    groups (weight: the world size). The tests compare gradient norms with and without sequence parallelism under
+    both, so a DeepSpeed that changes this fails them."""
+    if uses_zero3():
+        return training_args.world_size
+    return training_args.world_size // training_args.sequence_parallel_size
+
+
+@contextlib.contextmanager
+def resumable_sequence_parallel_loader():
+    """Workaround (transformers 5.24, DeepSpeed 0.19): resuming mid-epoch, the Trainer hands DeepSpeed's Ulysses
+    data loader adapter to accelerate's skip_first_batches, which only knows data loaders. Within this context it
+    skips the batches under the adapter instead (without loading them) and re-wraps them. It can go when the
+    Trainer skips before it wraps."""
+    import accelerate
+    import transformers.trainer as trainer_module
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPDataLoaderAdapter
+
+    def skip_first_batches(loader, num_batches=0):
+        if not isinstance(loader, UlyssesSPDataLoaderAdapter):
+            return accelerate.skip_first_batches(loader, num_batches)
+        # The adapter yields N slices of the ranks' batches per batch of the loader under it.
+        whole, part = divmod(num_batches, loader.sp_world_size)
+        skipped = UlyssesSPDataLoaderAdapter(accelerate.skip_first_batches(loader.dl, whole), loader.sp_rank,
+                                             loader.sp_group, loader.sp_world_size, loader.device)
+        for _ in range(part):
+            next(skipped)
+        return skipped
+
+    original, trainer_module.skip_first_batches = trainer_module.skip_first_batches, skip_first_batches
+    try:
+        yield
+    finally:
+        trainer_module.skip_first_batches = original
+
+
+def sequence_parallel_row_length(model_max_length):
+    """None (each batch padded to its longest), or the one length every batch is padded to.
+
+    Workaround (DeepSpeed 0.19, torch's gloo backend): Ulysses' data loader adapter all-gathers the batches of a
+    sequence group, and gloo, unlike NCCL, refuses tensors of different lengths. On the CPU every batch is therefore
+    padded to --model_max_length (the pads are masked and come after every real token). It can go when the
+    adapter pads to a common length itself."""
+    return model_max_length if torch.distributed.get_backend() == "gloo" else None
 
 
 def in_process_group():
@@ -1747,9 +1853,14 @@ class PadToLongestCollator:
     """Pads a batch to its own longest sample, never to model_max_length."""
 
     pad_token_id: int
+    # Sequence parallelism: rows split evenly over N ranks, positions that survive the split, maybe one length.
+    multiple_of: int = 1
+    position_ids: bool = False
+    length: Optional[int] = None
 
     def __call__(self, examples):
-        longest = max(len(e["input_ids"]) for e in examples)
+        longest = self.length or max(len(e["input_ids"]) for e in examples)
+        longest = -(-longest // self.multiple_of) * self.multiple_of
         input_ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
@@ -1758,10 +1869,16 @@ class PadToLongestCollator:
             input_ids[row, :n] = torch.tensor(example["input_ids"])
             labels[row, :n] = torch.tensor(example["labels"])
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if self.position_ids:
+            batch["position_ids"] = torch.arange(longest).expand(len(examples), longest).clone()
+        return batch
 
 
-def make_collator(tokenizer, packing):
+def make_collator(tokenizer, packing, sequence_parallel_size=1):
+    if sequence_parallel_size > 1:
+        return PadToLongestCollator(tokenizer.pad_token_id, multiple_of=sequence_parallel_size, position_ids=True,
+                                    length=sequence_parallel_row_length(tokenizer.model_max_length))
     if packing:
         # One row per batch, position ids restarting at 0 per sample, no attention mask: the attention
         # implementations then keep samples apart (tests check it); IGNORE_INDEX labels the first token of each.
@@ -1875,15 +1992,16 @@ def check_model_files(model_args):
     data is tokenized, instead of a traceback after it."""
     path = model_args.model_name_or_path
     try:
-        transformers.AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"--model_name_or_path {path}: cannot load its config ({first_line(e)})") from None
     if not os.path.isdir(path):
-        return  # a hub id: the hub's files are checked by the download
+        return config  # a hub id: the hub's files are checked by the download
     if not any(name.endswith((".safetensors", ".bin")) and name != "training_args.bin" for name in os.listdir(path)):
         raise UserError(f"--model_name_or_path {path}: no model weights (*.safetensors) in that folder")
     if problem := weights_problem(path):
         raise UserError(f"--model_name_or_path {path}: {problem}")
+    return config
 
 
 def first_line(error):
@@ -1895,6 +2013,8 @@ def load_model(model_args, training_args, lora_args):
     load_kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code}
     if model_args.attn_implementation:
         load_kwargs["attn_implementation"] = model_args.attn_implementation
+    if model_args.rope_scaling:
+        load_kwargs["config"] = with_yarn(model_args)
     if lora_args.q_lora:
         load_kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True,
@@ -1915,6 +2035,23 @@ def load_model(model_args, training_args, lora_args):
         model = add_lora(model, training_args, lora_args)
     log_trainable_parameters(model)
     return model
+
+
+def with_yarn(model_args):
+    """The model's config with its rotary positions stretched by YaRN: positions are interpolated by `factor`
+    (the native context times `factor` becomes the model's length) and attention is rescaled to match."""
+    config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                                     trust_remote_code=model_args.trust_remote_code)
+    rope = dict(config.rope_parameters or {})
+    native = rope.get("original_max_position_embeddings") if rope.get("rope_type") == "yarn" else None
+    native = native or config.max_position_embeddings
+    factor = model_args.rope_scaling
+    config.rope_parameters = {**rope, "rope_type": "yarn", "factor": factor,
+                              "original_max_position_embeddings": native}
+    config.max_position_embeddings = int(native * factor)
+    log.info(f"YaRN: positions stretched {factor:g}x, from the model's native {native:,} to "
+             f"{config.max_position_embeddings:,} tokens")
+    return config
 
 
 def add_lora(model, training_args, lora_args):
@@ -1982,10 +2119,18 @@ class ChunkedCausalLMLoss:
         self.hidden_states = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
     def __call__(self, outputs, labels, num_items_in_batch=None):
-        hidden_states, self.hidden_states = self.hidden_states, None
-        next_tokens = labels[:, 1:]
+        next_tokens = labels[:, 1:]  # position i predicts token i + 1
+        if num_items_in_batch is None:
+            num_items_in_batch = max(int((next_tokens != IGNORE_INDEX).sum()), 1)
+        return self.summed_loss(next_tokens) / num_items_in_batch
+
+    def summed_loss(self, next_tokens):
+        """The cross-entropy summed over the positions whose next token is trained, from the hidden states of the
+        forward just run. next_tokens[b, i]: the token that position i of row b predicts, or IGNORE_INDEX."""
+        hidden_states, self.hidden_states = self.hidden_states, None  # [batch, positions, hidden]
         trained = next_tokens != IGNORE_INDEX
-        hidden_states, next_tokens = hidden_states[:, :-1][trained], next_tokens[trained]
+        hidden_states = hidden_states[:, :next_tokens.shape[1]][trained]  # [trained positions, hidden]
+        next_tokens = next_tokens[trained]
         if self.zero3:
             total = self._chunk_loss(hidden_states, next_tokens)  # also when empty: the ranks gather together
         else:
@@ -1994,7 +2139,7 @@ class ChunkedCausalLMLoss:
                 chunk = slice(start, start + self.chunk_size)
                 total = total + checkpoint(self._chunk_loss, hidden_states[chunk], next_tokens[chunk],
                                            use_reentrant=False)
-        return total / (num_items_in_batch if num_items_in_batch is not None else max(len(next_tokens), 1))
+        return total
 
     def _chunk_loss(self, hidden_states, next_tokens):
         return F.cross_entropy(self.lm_head(hidden_states).float(), next_tokens, reduction="sum")
@@ -2154,6 +2299,10 @@ class FinetuneTrainer(transformers.Trainer):
                         "launchers (one process per GPU) to keep it")
         elif self.args.chunked_loss:
             self.compute_loss_func = ChunkedCausalLMLoss(self.model, self.args.loss_chunk_size)
+        self.sequence_parallel = self.args.sequence_parallel_size
+        if self.sequence_parallel > 1:
+            self.loss_is_scaled_for_ga = True  # sequence_parallel_loss divides by the whole step's trained tokens
+            self.sequence_parallel_weight = sequence_parallel_loss_weight(self.args)
         self.divergence = StopOnDivergence(self.args.max_nonfinite_steps, loss_scaling=self.args.fp16)
         self.add_callback(self.divergence)
         self._tokens = self._trained_tokens = 0  # this device's, since the last log
@@ -2165,12 +2314,47 @@ class FinetuneTrainer(transformers.Trainer):
             self._window_start = self._window_start or time.perf_counter()
             mask = inputs.get("attention_mask")
             self._tokens += mask.sum() if mask is not None else inputs["input_ids"].numel()
-            self._trained_tokens += (inputs["labels"] != IGNORE_INDEX).sum()
+            self._trained_tokens += (inputs["shift_labels" if "shift_labels" in inputs else "labels"] != IGNORE_INDEX).sum()
+            if self.sequence_parallel > 1:
+                return self.sequence_parallel_loss(model, inputs, num_items_in_batch, return_outputs)
         if self.compute_loss_func is not None:
             # The chunked loss projects the trained positions itself: the model keeps no logits at all.
             no_positions = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
             inputs = {**inputs, "logits_to_keep": no_positions}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def train(self, *args, **kwargs):
+        with resumable_sequence_parallel_loader() if self.sequence_parallel > 1 else contextlib.nullcontext():
+            return super().train(*args, **kwargs)
+
+    def sequence_parallel_loss(self, model, inputs, num_items_in_batch, return_outputs=False):
+        """The loss under sequence parallelism (replacing the Trainer's, which builds logits for every position and
+        averages micro-batches instead of tokens).
+
+        This rank holds one slice of each sequence, its labels already shifted by DeepSpeed's data loader adapter
+        (`shift_labels`). It sums the loss of its own trained positions and divides by the trained tokens of the
+        whole step on all ranks (num_items_in_batch); weighted for the way DeepSpeed reduces the ranks' gradients
+        (sequence_parallel_loss_weight), the gradient is that of the step's token-weighted mean, exactly as
+        without sequence parallelism."""
+        inputs = dict(inputs)
+        next_tokens = inputs.pop("shift_labels")
+        if self.compute_loss_func is not None:
+            no_positions = torch.empty(0, dtype=torch.long, device=next_tokens.device)
+            outputs = model(**inputs, logits_to_keep=no_positions)
+            total = self.compute_loss_func.summed_loss(next_tokens)
+        else:  # --chunked_loss false: logits for every position of the slice
+            outputs = model(**inputs)
+            total = F.cross_entropy(outputs.logits.float().flatten(0, 1), next_tokens.flatten(),
+                                    ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = total * self.sequence_parallel_weight / num_items_in_batch
+        return (loss, outputs) if return_outputs else loss
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        if self.sequence_parallel == 1:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        # The trained tokens of the step on every rank: each counts those of its own slices.
+        count = sum((batch["shift_labels"] != IGNORE_INDEX).sum() for batch in batch_samples).to(device)
+        return self.accelerator.gather(count.reshape(1)).sum()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -2186,6 +2370,11 @@ class FinetuneTrainer(transformers.Trainer):
 
     def log(self, logs, *args, **kwargs):
         """Add this device's tokens/s and trained tokens/s to every training log and to the final summary."""
+        if self.sequence_parallel > 1:
+            # The Trainer logs the mean of the ranks' losses: their sum is the step's loss times the weight.
+            for key in ("loss", "train_loss"):
+                if key in logs:
+                    logs[key] *= self.args.world_size / self.sequence_parallel_weight
         if "loss" in logs or "train_runtime" in logs:
             tokens, trained = int(self._tokens), int(self._trained_tokens)
             self._tokens = self._trained_tokens = 0
@@ -2226,7 +2415,22 @@ class FinetuneTrainer(transformers.Trainer):
                 self.processing_class.save_pretrained(output_dir)
         else:
             super().save_model(output_dir, _internal_call=_internal_call)
+        if hasattr(model, "peft_config") and self.args.should_save:
+            save_base_config_changes(model.get_base_model().config, output_dir)
         model.config.use_cache = False
+
+
+BASE_CONFIG_CHANGES = "base_config_changes.json"
+
+
+def save_base_config_changes(config, output_dir):
+    """An adapter folder holds no model config: what --rope_scaling changed in the base's is written beside it,
+    for merge_adapter.py (and whoever loads the base for the adapter) to apply."""
+    if (config.rope_parameters or {}).get("rope_type") != "yarn":
+        return
+    changes = {"rope_parameters": config.rope_parameters, "max_position_embeddings": config.max_position_embeddings}
+    with open(os.path.join(output_dir, BASE_CONFIG_CHANGES), "w") as f:
+        json.dump(changes, f, indent=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2245,7 +2449,8 @@ def train(argv=None):
 
     tokenizer = load_tokenizer(model_args, training_args)
     if not data_args.preprocess_only:
-        check_model_files(model_args)
+        model_config = check_model_files(model_args)
+        setup_sequence_parallelism(training_args, model_args.attn_implementation, model_config)
     encoder = ChatEncoder(tokenizer, training_args.model_max_length, data_args.system_message,
                           data_args.template)
     if data_args.preprocess_only:
@@ -2266,7 +2471,7 @@ def train(argv=None):
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=make_collator(tokenizer, training_args.packing),
+        data_collator=make_collator(tokenizer, training_args.packing, training_args.sequence_parallel_size),
         processing_class=tokenizer,
     )
     stop_on_signal = StopOnSignal(trainer.divergence)

@@ -25,7 +25,13 @@ def merge(adapter_dir, output_dir, base=None, dtype="bf16", trust_remote_code=Fa
         raise SystemExit(f"error: {adapter_dir}: no adapter_config.json (is it a LoRA output folder?)")
     with open(config_path) as f:
         base = base or json.load(f)["base_model_name_or_path"]
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype],
+    config = transformers.AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    changes_path = os.path.join(adapter_dir, "base_config_changes.json")  # finetune.py --rope_scaling
+    if os.path.isfile(changes_path):
+        with open(changes_path) as f:
+            for key, value in json.load(f).items():
+                setattr(config, key, value)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, config=config, dtype=DTYPES[dtype],
                                                               trust_remote_code=trust_remote_code)
     merged = peft.PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.config.use_cache = True
