@@ -10,6 +10,7 @@
 # MASTER_ADDR (127.0.0.1; required when NNODES > 1), MASTER_PORT (29500), RDZV_TIMEOUT (seconds the nodes wait
 # for each other before giving up, 300). One process runs `python`, more run `torchrun`.
 # DeepSpeed: --ds / DS_CONFIG (default ds_config_zero2.json on GPUs, none on the CPU, where it is for tests only).
+# SP=N (1): split every sequence over N ranks (long samples; DeepSpeed Ulysses, DS_CONFIG then ds_config_zero3.json).
 # PRECISION=auto|bf16|fp16|fp32 (auto: bf16 on GPUs that have it, fp16 on other GPUs, fp32 on the CPU).
 # finetune_qlora.sh is this script with --q_lora true.
 set -euo pipefail
@@ -24,9 +25,10 @@ NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 RDZV_TIMEOUT="${RDZV_TIMEOUT:-300}"
+SP="${SP:-1}"
 
 fail() { echo "error: $*" >&2; exit 2; }
-usage() { sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 passthrough=()
 config=()
@@ -62,6 +64,12 @@ case "$PRECISION" in
     fp32) precision_flags=() ;;
     *) fail "PRECISION must be auto, bf16, fp16 or fp32, got '$PRECISION'" ;;
 esac
+[[ "$SP" =~ ^[1-9][0-9]*$ ]] || fail "SP must be a positive integer, got '$SP'"
+sp_flags=()
+if [ "$SP" -gt 1 ]; then
+    sp_flags=(--sequence_parallel_size "$SP")
+    DS_CONFIG="${DS_CONFIG:-$HERE/ds_config_zero3.json}"  # splitting sequences is DeepSpeed's
+fi
 if [ -z "${DS_CONFIG:-}" ]; then
     DS_CONFIG=$([ "$GPUS" -gt 0 ] && echo "$HERE/ds_config_zero2.json" || echo none)
 fi
@@ -96,6 +104,7 @@ cmd=("${launcher[@]}" "$HERE/finetune.py"
     --use_lora true
     "${precision_flags[@]}"
     "${ds_flags[@]}"
+    "${sp_flags[@]}"
     --num_train_epochs 3
     --per_device_train_batch_size 2
     --gradient_accumulation_steps 8

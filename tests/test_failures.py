@@ -136,6 +136,8 @@ def test_a_huge_sample_is_cut_before_it_is_tokenized_whole(tokenizer, tmp_path, 
     (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1), got 1.5"),
     (["--max_steps", "0"], "--max_steps must be positive"),
     (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps must be positive"),
+    (["--sequence_parallel_size", "0"], "--sequence_parallel_size must be positive"),
+    (["--rope_scaling", "0.5"], "--rope_scaling is YaRN's factor and must be more than 1, got 0.5"),
 ])
 def test_impossible_numbers_are_refused(tmp_path, flags, problem):
     with pytest.raises(finetune.UserError, match=problem.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):

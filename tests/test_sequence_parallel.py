@@ -5,8 +5,9 @@ must give the same loss and the same gradient norm at every step, and the same t
 written so that the split (at position 64: rows are padded to --model_max_length 128 on the CPU) falls inside
 them: trained tokens on both sides of it, only after it, and only before it (the other slice all padding).
 
-Marked `distributed` (and e2e): the runs start 2 or 4 processes, ~10-25 s each on 2 cores.
+The runs (marked `distributed` and e2e) start 2 or 4 processes, ~10-25 s each on 2 cores.
 """
+import json
 import math
 import os
 import shutil
@@ -16,16 +17,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-from conftest import ROOT, log_history, run_cli, run_finetune, write_jsonl
-from fp32 import assert_fp32_close, backward_depth, forward_depth
+from conftest import ROOT, log_history, run_cli, write_jsonl
+from fp32 import assert_changed_beyond_rounding, assert_fp32_close, backward_depth, forward_depth
 from safetensors.torch import load_file
 from test_distributed import torchrun, zero3_config
-from test_e2e import PROMPT, assert_adapter_changes_logits, assert_success, base_model, logits_of, train_losses
+from test_e2e import PROMPT, assert_adapter_changes_logits, assert_resumed_run_matches, assert_success, base_model, \
+    logits_of, train_losses
 
 import finetune
 from finetune import IGNORE_INDEX, UserError
 
-pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
 
 SPLIT = 64  # --model_max_length 128 over 2 ranks
 SP_RUN = ["--model_max_length", str(2 * SPLIT), "--per_device_train_batch_size", "1", "--logging_steps", "1",
@@ -142,6 +143,8 @@ def lora_runs(tiny_qwen2, data, tmp_path_factory):
     }
 
 
+@pytest.mark.e2e
+@pytest.mark.distributed
 def test_sequence_parallel_lora_trains_exactly_as_without_it(lora_runs, tiny_qwen2):
     whole, tokens = lora_runs["whole"], lora_runs["tokens"]
     for name in ("split_zero3", "split_zero3_standard_loss", "split_zero2"):
@@ -160,3 +163,122 @@ def test_sequence_parallel_lora_trains_exactly_as_without_it(lora_runs, tiny_qwe
     logits = [logits_of(peft.PeftModel.from_pretrained(base_model(tiny_qwen2), out), tokenizer) for out in (split, whole)]
     length = len(tokenizer(PROMPT)["input_ids"])
     assert_fp32_close(logits[0], logits[1], forward_depth(length) + 4 * backward_depth(tokens), "logits")
+
+
+@pytest.mark.e2e
+@pytest.mark.distributed
+def test_sequence_parallel_run_resumes_mid_epoch_exactly(lora_runs, tiny_qwen2, data, tmp_path):
+    """Step 3 of 2-micro-batch steps is 6 slices-pairs in: the resume skips batches under DeepSpeed's adapter."""
+    whole = lora_runs["split_zero3"]
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(whole, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
+    run("torchrun", resumed, "--output_dir", resumed, "--model_name_or_path", tiny_qwen2, "--data_path", data,
+        "--gradient_accumulation_steps", "2", "--max_steps", "4", *SP_RUN, *LORA, "--sequence_parallel_size", "2",
+        "--deepspeed", zero3_config(tmp_path), "--save_strategy", "steps", "--save_steps", "3")
+    assert tokens_seen(resumed) == tokens_seen(whole)
+    assert_resumed_run_matches(resumed, whole, 1, "adapter_model.safetensors")
+
+
+@pytest.mark.e2e
+@pytest.mark.distributed
+def test_sequence_parallel_full_finetune_beside_two_data_parallel_groups(tiny_qwen3, data, tmp_path):
+    """4 processes: 2 groups of 2 ranks, each group splitting its own samples. 2 steps of 4 samples equal one
+    process accumulating the same 4; the saved models reload with the same weights."""
+    common = ["--model_name_or_path", tiny_qwen3, "--data_path", data, "--max_steps", "2", *SP_RUN,
+              "--learning_rate", "0.05", "--deepspeed", zero3_config(tmp_path), "--save_strategy", "no"]
+    split = str(tmp_path / "split")
+    command = torchrun("--output_dir", split, *common, "--gradient_accumulation_steps", "2",
+                       "--sequence_parallel_size", "2")
+    command[command.index("--nproc_per_node") + 1] = "4"
+    assert_success(run_cli(command))
+    whole = run("python", str(tmp_path / "whole"), "--output_dir", str(tmp_path / "whole"), *common,
+                "--gradient_accumulation_steps", "4")
+    tokens = trained_tokens_per_step(tiny_qwen3, 4)
+    assert_same_training(split, whole, tokens, 2, "2 x 2 ranks")
+    models = [transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32) for out in (split, whole)]
+    trained = dict(models[0].named_parameters())
+    for name, expected in models[1].named_parameters():
+        assert_fp32_close(trained[name].detach(), expected.detach(), 2 * backward_depth(tokens), name)
+    assert_changed_beyond_rounding(trained["model.layers.0.self_attn.q_proj.weight"].detach(),
+                                   base_model(tiny_qwen3).model.layers[0].self_attn.q_proj.weight.detach(),
+                                   2 * backward_depth(tokens), "q_proj")
+
+
+def sp_arguments(**overrides):
+    values = dict(sequence_parallel_size=2, deepspeed="ds_config_zero3.json", world_size=2, packing=False)
+    return SimpleNamespace(**{**values, **overrides})
+
+
+def tiny_config(heads=4, kv_heads=2):
+    return transformers.Qwen2Config(hidden_size=64, num_attention_heads=heads, num_key_value_heads=kv_heads)
+
+
+@pytest.mark.parametrize("overrides, attention, config, message", [
+    (dict(deepspeed=None), "sdpa", tiny_config(), "--sequence_parallel_size 2 needs --deepspeed"),
+    (dict(world_size=3), "sdpa", tiny_config(), r"--sequence_parallel_size 2 must divide the number of processes \(3\)"),
+    (dict(), "eager", tiny_config(), "--attn_implementation eager cannot be split over ranks"),
+    (dict(sequence_parallel_size=4, world_size=4), "sdpa", tiny_config(heads=6, kv_heads=2),
+     "the model has 6 attention heads and 2 key/value heads"),
+    (dict(sequence_parallel_size=4, world_size=4), "sdpa", tiny_config(heads=4, kv_heads=3),
+     "the model has 4 attention heads and 3 key/value heads"),
+    (dict(packing=True), "sdpa", tiny_config(), "--packing cannot be combined with --sequence_parallel_size 2"),
+], ids=["no-deepspeed", "world", "eager", "heads", "kv-heads", "packing"])
+def test_what_cannot_be_split_is_refused_in_one_line(overrides, attention, config, message):
+    with pytest.raises(UserError, match=message) as error:
+        finetune.setup_sequence_parallelism(sp_arguments(**overrides), attention, config)
+    assert "\n" not in str(error.value)
+
+
+def test_a_possible_split_configures_the_trainer_for_deepspeed_ulysses():
+    args = sp_arguments(world_size=4)
+    finetune.setup_sequence_parallelism(args, None, tiny_config())
+    config = args.parallelism_config
+    assert (config.sp_backend, config.sp_size, config.dp_shard_size) == ("deepspeed", 2, 2)
+    assert config.sp_handler.sp_attn_implementation == "sdpa" and config.sp_handler.sp_seq_length_is_variable
+    untouched = sp_arguments(sequence_parallel_size=1, deepspeed=None)
+    finetune.setup_sequence_parallelism(untouched, "eager", tiny_config())
+    assert not hasattr(untouched, "parallelism_config")
+
+
+def test_split_batches_are_padded_to_a_multiple_of_the_ranks_with_positions():
+    collate = finetune.PadToLongestCollator(pad_token_id=0, multiple_of=4, position_ids=True)
+    batch = collate([{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
+                     {"input_ids": [5, 6], "labels": [-100, 6]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0], [5, 6, 0, 0, 0, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8, 9, -100, -100, -100], [-100, 6] + [-100] * 6]
+    assert batch["position_ids"].tolist() == [list(range(8))] * 2
+    assert batch["attention_mask"].tolist() == [[1] * 5 + [0] * 3, [1] * 2 + [0] * 6]
+    fixed = finetune.PadToLongestCollator(pad_token_id=0, multiple_of=4, length=10)  # gloo: one length
+    assert fixed([{"input_ids": [5], "labels": [5]}])["input_ids"].shape == (1, 12)
+
+
+@pytest.mark.e2e
+def test_rope_scaling_stretches_positions_with_yarn_in_the_saved_model_and_beside_the_adapter(tiny_qwen2, tmp_path):
+    import merge_adapter
+
+    common = ["--model_name_or_path", tiny_qwen2, "--data_path", os.path.join(ROOT, "examples", "data.jsonl"),
+              "--max_steps", "1", "--save_strategy", "no", "--rope_scaling", "4"]
+    full = run("python", str(tmp_path / "full"), "--output_dir", str(tmp_path / "full"), *common)
+    lora = run("python", str(tmp_path / "lora"), "--output_dir", str(tmp_path / "lora"), *common, "--use_lora", "true")
+    merged = merge_adapter.merge(lora, str(tmp_path / "merged"), dtype="fp32")
+    native = base_model(tiny_qwen2).config.max_position_embeddings
+    for out in (full, merged):
+        model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        rope = model.config.rope_parameters
+        assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == ("yarn", 4, native)
+        assert model.config.max_position_embeddings == 4 * native
+        assert model.model.rotary_emb.rope_type == "yarn"
+        assert model.model.rotary_emb.attention_scaling == pytest.approx(0.1 * math.log(4) + 1, rel=1e-12)
+    assert "rope_parameters" in json.load(open(os.path.join(lora, "base_config_changes.json")))
+
+
+@pytest.mark.e2e
+def test_launcher_passes_sp_through_with_zero3(tiny_qwen2, tmp_path):
+    result = run_cli(["bash", "finetune_lora.sh", "-m", tiny_qwen2, "-o", str(tmp_path / "o"), "--max_steps", "1"],
+                     env={"SP": "2", "NPROC_PER_NODE": "1"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--sequence_parallel_size 2" in result.stdout and "ds_config_zero3.json" in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == \
+        "error: --sequence_parallel_size 2 must divide the number of processes (1)"
+    refused = run_cli(["bash", "finetune_lora.sh"], env={"SP": "two"})
+    assert refused.returncode == 2 and refused.stderr.strip() == "error: SP must be a positive integer, got 'two'"
