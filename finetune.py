@@ -50,7 +50,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
-from torch.utils.checkpoint import checkpoint
 from torch.utils.data import Dataset
 
 IGNORE_INDEX = -100  # label value that the loss skips
@@ -806,17 +805,31 @@ def agreed_by_all_ranks(decide, *args):
 
 def any_rank(flag, device):
     """True on every rank when `flag` is true on any (all ranks must call it together)."""
+    return largest_on_any_rank(int(bool(flag)), device) > 0
+
+
+def largest_on_any_rank(count, device):
+    """The largest `count` of all ranks, on every rank (all ranks must call it together)."""
     if not in_process_group():
-        return bool(flag)
-    tensor = torch.tensor([float(flag)], device=device)
+        return count
+    tensor = torch.tensor([count], device=device)
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return bool(tensor.item())
+    return int(tensor.item())
 
 
 def weights_are_finite(model, device):
     """Whether every trainable weight is finite, on every rank. ZeRO-3: a rank holds only its partition."""
     finite = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in model.parameters() if p.requires_grad)
     return not any_rank(not finite, device)
+
+
+def whole_weight(weight):
+    """A context in which `weight` is whole on this rank. ZeRO-3: gathered from every rank (all must enter)."""
+    if not hasattr(weight, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([weight])
 
 
 def gather_trainable_state_dict(model, keep):
@@ -2100,17 +2113,13 @@ class ChunkedCausalLMLoss:
 
     The standard loss builds logits for every position: tokens x ~151k vocabulary floats (about 5 GB in fp32 for
     8k tokens) although most positions are masked. This loss takes the decoder's final hidden states, keeps the
-    positions whose next token is trained, and scores them `chunk_size` at a time; backward recomputes a chunk's
-    logits instead of keeping them, so its memory grows with the chunk, not with the batch. It is the Trainer's
-    `compute_loss_func`, so the Trainer still weights it by the trained tokens of a whole accumulated step."""
+    positions whose next token is trained, and scores them `chunk_size` at a time (ChunkedCrossEntropy), so its
+    memory grows with the chunk, not with the batch. It is the Trainer's `compute_loss_func`, so the Trainer
+    still weights it by the trained tokens of a whole accumulated step."""
 
     def __init__(self, model, chunk_size):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft
-        self.lm_head = base.get_output_embeddings()
-        # Under ZeRO-3 every call of lm_head gathers its weight from all ranks, so every rank must call it
-        # equally often, and a recomputed chunk would meet the weight partitioned again: one call per step,
-        # over all trained positions, kept for backward (still never the untrained positions).
-        self.zero3 = uses_zero3()
+        self.lm_head = base.get_output_embeddings()  # under peft's modules_to_save, .weight is the trained copy
         self.chunk_size = chunk_size
         self.hidden_states = None
         base.get_decoder().register_forward_hook(self._keep_hidden_states)
@@ -2130,19 +2139,45 @@ class ChunkedCausalLMLoss:
         hidden_states, self.hidden_states = self.hidden_states, None  # [batch, positions, hidden]
         trained = next_tokens != IGNORE_INDEX
         hidden_states = hidden_states[:, :next_tokens.shape[1]][trained]  # [trained positions, hidden]
-        next_tokens = next_tokens[trained]
-        if self.zero3:
-            total = self._chunk_loss(hidden_states, next_tokens)  # also when empty: the ranks gather together
-        else:
-            total = hidden_states.sum().float() * 0.0  # keeps the graph whole when a micro-batch trains nothing
-            for start in range(0, len(next_tokens), self.chunk_size):
-                chunk = slice(start, start + self.chunk_size)
-                total = total + checkpoint(self._chunk_loss, hidden_states[chunk], next_tokens[chunk],
-                                           use_reentrant=False)
+        # Even with no trained position the result depends on hidden_states: every weight gets its (zero) gradient.
+        with whole_weight(self.lm_head.weight):
+            return ChunkedCrossEntropy.apply(hidden_states, self.lm_head.weight, next_tokens[trained], self.chunk_size)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """sum_i cross_entropy(hidden_states[i] @ weight.T, targets[i]), a chunk of positions at a time, with its
+    gradients computed in the same pass: no chunk's logits outlive it, backward only scales what forward kept
+    (the gradients for the hidden states, and for the weight when it is trained), and the weight is read only
+    here, once per micro-batch (which ZeRO-3 needs: it gathers the weight from every rank for the whole call)."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, weight, targets, chunk_size):
+        total = torch.zeros((), dtype=torch.float32, device=hidden_states.device)
+        grad_hidden = torch.empty_like(hidden_states)  # [positions, hidden]
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, len(targets), chunk_size):
+            hidden, target = hidden_states[start:start + chunk_size], targets[start:start + chunk_size]
+            logits = (hidden @ weight.T).float()  # [chunk, vocabulary]
+            log_normaliser = torch.logsumexp(logits, dim=-1)
+            total += (log_normaliser - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            # d loss / d logits = softmax - one-hot(target), built in place of the logits
+            grad_logits = logits.sub_(log_normaliser[:, None]).exp_()
+            grad_logits[torch.arange(len(target), device=target.device), target] -= 1
+            grad_logits = grad_logits.to(hidden.dtype)
+            grad_hidden[start:start + chunk_size] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ hidden).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
         return total
 
-    def _chunk_loss(self, hidden_states, next_tokens):
-        return F.cross_entropy(self.lm_head(hidden_states).float(), next_tokens, reduction="sum")
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None
 
 
 class StopOnSignal(transformers.TrainerCallback):

@@ -118,9 +118,11 @@ def test_zero3_chunked_loss_matches_the_standard_loss(tiny_qwen2, tmp_path):
     runs = {}
     for chunked in ("true", "false"):
         out = str(tmp_path / f"chunked_{chunked}")
+        # Chunks of 7 positions: the ranks' micro-batches need different numbers of them (and lm_head gathers).
         assert_success(run_cli(torchrun("--model_name_or_path", tiny_qwen2, "--data_path", DATA, "--output_dir", out,
                                         "--deepspeed", zero3_config(tmp_path), "--max_steps", "3",
-                                        "--learning_rate", "1e-2", "--chunked_loss", chunked, *LORA, *RUN)))
+                                        "--learning_rate", "1e-2", "--chunked_loss", chunked,
+                                        "--loss_chunk_size", "7", *LORA, *RUN)))
         runs[chunked] = train_losses(out)
     assert len(runs["true"]) == 3
     # Each step's loss sums over its tokens; the two losses' gradients (another chunking) move the weights that

@@ -30,7 +30,8 @@ from finetune import IGNORE_INDEX, UserError
 
 SPLIT = 64  # --model_max_length 128 over 2 ranks
 SP_RUN = ["--model_max_length", str(2 * SPLIT), "--per_device_train_batch_size", "1", "--logging_steps", "1",
-          "--seed", "0", "--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant"]
+          "--seed", "0", "--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant",
+          "--loss_chunk_size", "7"]  # several chunks, more on one rank than the other
 LORA = ["--use_lora", "true", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0"]  # dropout masks are per rank
 
 
@@ -182,8 +183,9 @@ def test_sequence_parallel_run_resumes_mid_epoch_exactly(lora_runs, tiny_qwen2, 
 @pytest.mark.e2e
 @pytest.mark.distributed
 def test_sequence_parallel_full_finetune_beside_two_data_parallel_groups(tiny_qwen3, data, tmp_path):
-    """4 processes: 2 groups of 2 ranks, each group splitting its own samples. 2 steps of 4 samples equal one
-    process accumulating the same 4; the saved models reload with the same weights."""
+    """4 processes: 2 groups of 2 ranks, each group splitting its own samples, with the chunked loss. 2 steps of 4
+    samples equal one process accumulating the same 4 with the standard loss; the saved models reload with the
+    same weights."""
     common = ["--model_name_or_path", tiny_qwen3, "--data_path", data, "--max_steps", "2", *SP_RUN,
               "--learning_rate", "0.05", "--deepspeed", zero3_config(tmp_path), "--save_strategy", "no"]
     split = str(tmp_path / "split")
@@ -192,7 +194,7 @@ def test_sequence_parallel_full_finetune_beside_two_data_parallel_groups(tiny_qw
     command[command.index("--nproc_per_node") + 1] = "4"
     assert_success(run_cli(command))
     whole = run("python", str(tmp_path / "whole"), "--output_dir", str(tmp_path / "whole"), *common,
-                "--gradient_accumulation_steps", "4")
+                "--gradient_accumulation_steps", "4", "--chunked_loss", "false")  # and the tied lm_head's gradient
     tokens = trained_tokens_per_step(tiny_qwen3, 4)
     assert_same_training(split, whole, tokens, 2, "2 x 2 ranks")
     models = [transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32) for out in (split, whole)]

@@ -87,10 +87,11 @@ def standard_and_chunked(model, batch, num_items_in_batch=None):
     return results
 
 
-@pytest.mark.parametrize("kind", ["full", "lora", "qlora", "packed"])
+@pytest.mark.parametrize("kind", ["full", "lora", "lora+lm_head", "qlora", "packed"])
 def test_chunked_loss_equals_the_standard_loss_and_gradients(tiny_qwen2, tmp_path, examples, tokenizer, kind):
-    # No LoRA dropout: both losses must see the same forward.
-    lora = {"lora": {"lora_dropout": 0.0}, "qlora": {"q_lora": True, "lora_dropout": 0.0}}.get(kind, {})
+    # No LoRA dropout: both losses must see the same forward. lora+lm_head: the chunked loss must train peft's copy.
+    lora = {"lora": {"lora_dropout": 0.0}, "qlora": {"q_lora": True, "lora_dropout": 0.0},
+            "lora+lm_head": {"lora_dropout": 0.0, "lora_modules_to_save": ["lm_head"]}}.get(kind, {})
     model = load(tiny_qwen2, tmp_path, **lora).train()
     batch = finetune.make_collator(tokenizer, packing=kind == "packed")(examples)
     for num_items in (None, 57):  # a micro-batch alone, and one of an accumulated step of 57 trained tokens
@@ -98,6 +99,7 @@ def test_chunked_loss_equals_the_standard_loss_and_gradients(tiny_qwen2, tmp_pat
         trained = int((batch["labels"][:, 1:] != -100).sum())
         assert_fp32_close(chunked, standard, trained, "loss")  # a sum of `trained` per-token losses, then a division
         assert standard_grads.keys() == chunked_grads.keys() and standard_grads
+        assert kind != "lora+lm_head" or any("modules_to_save" in name for name in chunked_grads)
         for name in standard_grads:  # other chunk shapes: the gradients sum over the batch's tokens in another order
             assert_fp32_close(chunked_grads[name], standard_grads[name], backward_depth(batch["input_ids"].numel()),
                               name)
