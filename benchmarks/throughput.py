@@ -11,6 +11,12 @@ gives real (non-pad) tokens/s, trained tokens/s, peak resident memory and the ra
   (d) --packing (standard loss)                      (e) --packing + the chunked loss (our default loss)
   (f) TRL's SFTTrainer with packing (padding-free), if trl is installed (pip install -r benchmarks/requirements.txt)
 Then the loss alone at 8 x 1024 tokens: peak memory of the standard loss and of the chunked loss, forward+backward.
+
+MFU (model FLOPs utilisation): the model's own training FLOPs per second over the peak of a large fp32 matmul
+measured on the same machine in the same run. The model's FLOPs, per epoch: 6 x the non-embedding parameters per
+real token, plus causal attention (6 x layers x heads x head_dim x length^2 per sample: QK^T and AV, forward and
+backward, half the square), plus lm_head (6 x hidden x vocabulary) for every trained position, the positions a
+fine-tuning loss has to score. Pads, untrained positions' logits and recomputation count as overhead, not work.
 """
 import argparse
 import json
@@ -120,7 +126,8 @@ def run_mode(mode, workdir):
     seconds = trainer.train().metrics["train_runtime"]
     real = sum(len(e["input_ids"]) for e in dataset.examples)
     trained = sum(int((e["labels"][1:] != -100).sum()) for e in dataset.examples)
-    return {"seconds": seconds, "real_tokens": real, "trained_tokens": trained}
+    squares = sum(len(e["input_ids"]) ** 2 for e in dataset.examples)
+    return {"seconds": seconds, "real_tokens": real, "trained_tokens": trained, "squared_lengths": squares}
 
 
 def run_trl(model_dir, data, workdir):
@@ -144,8 +151,11 @@ def run_trl(model_dir, data, workdir):
                              processing_class=transformers.AutoTokenizer.from_pretrained(model_dir))
     real = sum(len(r["input_ids"]) for r in trainer.train_dataset)
     trained = sum(sum(label != -100 for label in r["labels"][1:]) for r in trainer.train_dataset)
+    # A packed row holds several samples (seq_lengths); attention work is per sample.
+    squares = sum(sum(n ** 2 for n in r.get("seq_lengths") or [len(r["input_ids"])]) for r in trainer.train_dataset)
     seconds = trainer.train().metrics["train_runtime"]
-    return {"seconds": seconds, "real_tokens": real, "trained_tokens": trained, "trl": trl.__version__}
+    return {"seconds": seconds, "real_tokens": real, "trained_tokens": trained, "squared_lengths": squares,
+            "trl": trl.__version__}
 
 
 def loss_memory(kind, batch=8, length=1024, vocab=151680, hidden=256, chunk=1024):
@@ -180,8 +190,41 @@ def loss_memory(kind, batch=8, length=1024, vocab=151680, hidden=256, chunk=1024
     return {"peak_added_mb": peak_rss_mb() - before, "seconds": time.perf_counter() - start, "loss": loss.item()}
 
 
+def matmul_peak(size=2048, repeats=10):
+    """FLOP/s of the fastest of `repeats` fp32 (size x size) @ (size x size) products: what this machine can do."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = min(timed(lambda: a @ b) for _ in range(repeats))
+    return {"flops_per_second": 2 * size ** 3 / best}
+
+
+def timed(function):
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def model_flops(config, params, result):
+    """The model's training FLOPs for one epoch of `result`'s data (see the docstring)."""
+    heads, head_dim = config["num_attention_heads"], config.get("head_dim") or config["hidden_size"] // config[
+        "num_attention_heads"]
+    embedding = config["vocab_size"] * config["hidden_size"]
+    dense = 6 * (params - embedding) * result["real_tokens"]
+    # Causal: L^2 / 2 query-key pairs, 2 FLOPs per pair and dimension in QK^T and again in AV, x3 with backward.
+    attention = 6 * config["num_hidden_layers"] * heads * head_dim * result["squared_lengths"]
+    lm_head = 6 * embedding * result["trained_tokens"]
+    return dense + attention + lm_head
+
+
 def child(args):
-    result = loss_memory(args.child[5:]) if args.child.startswith("loss:") else run_mode(args.child, args.workdir)
+    if args.child == "peak":
+        result = matmul_peak()
+    elif args.child.startswith("loss:"):
+        result = loss_memory(args.child[5:])
+    else:
+        result = run_mode(args.child, args.workdir)
     result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -215,8 +258,13 @@ def main():
     print(f"model: random Qwen2, {params / 1e6:.1f}M parameters; data: {args.samples} samples, log-normal lengths "
           f"(median ~300 tokens, max {MAX_LENGTH}); batch {BATCH}; fp32; {os.cpu_count()} CPU cores; "
           f"{time.strftime('%Y-%m-%d')}\n")
+    peak = run_child("peak", args.workdir)
+    with open(os.path.join(args.workdir, "model", "config.json")) as f:
+        config = json.load(f)
+    if "error" not in peak:
+        print(f"peak of an fp32 2048 x 2048 matmul on this machine: {peak['flops_per_second'] / 1e9:.1f} GFLOP/s\n")
     rows = []
-    print(f"{'mode':<40} {'real tok/s':>10} {'trained tok/s':>13} {'peak RSS MB':>11} {'x (a)':>7}")
+    print(f"{'mode':<40} {'real tok/s':>10} {'trained tok/s':>13} {'peak RSS MB':>11} {'x (a)':>7} {'MFU':>6}")
     for mode in args.modes:
         result = run_child(mode, args.workdir)
         if "error" in result:
@@ -226,8 +274,10 @@ def main():
         trained = (result["trained_tokens"] or 0) / result["seconds"]
         base = rows[0][1] if rows else real
         rows.append((mode, real))
+        mfu = (f"{model_flops(config, params, result) / result['seconds'] / peak['flops_per_second']:>6.1%}"
+               if "error" not in peak else f"{'-':>6}")
         print(f"({mode}) {MODES[mode]:<36} {real:>10.1f} {trained:>13.1f} {result['peak_rss_mb']:>11.0f} "
-              f"{real / base:>7.2f}")
+              f"{real / base:>7.2f} {mfu}")
 
     print("\nloss alone, 8 x 1024 tokens, vocabulary 151,680, half the positions trained (forward + backward):")
     memory = {kind: run_child(f"loss:{kind}", args.workdir) for kind in ("standard", "chunked")}
