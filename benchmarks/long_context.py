@@ -76,8 +76,8 @@ def measure(workdir, tokens, split, port):
     step = next(entry for entry in history if "loss" in entry)
     runtime = next(entry["train_runtime"] for entry in history if "train_runtime" in entry)
     ranks = [json.load(open(os.path.join(peaks, name))) for name in sorted(os.listdir(peaks))]
-    return {"peak_mb": max(r["peak_rss_mb"] for r in ranks), "tokens_per_second": step["num_input_tokens_seen"] / runtime,
-            "loss": step["loss"]}
+    return {"peak_mb": max(r["peak_rss_mb"] for r in ranks), "loss": step["loss"],
+            "tokens_per_second": step["num_input_tokens_seen"] / runtime}
 
 
 def main():
@@ -117,7 +117,8 @@ def main():
     if len(lengths) >= 2 and all("activations_mb" in results.get((n, s), {}) for n in lengths[-2:] for s in (1, 2)):
         short, long_ = lengths[-2:]
         for split in (1, 2):
-            per_token = (results[long_, split]["activations_mb"] - results[short, split]["activations_mb"]) / (long_ - short)
+            grown = results[long_, split]["activations_mb"] - results[short, split]["activations_mb"]
+            per_token = grown / (long_ - short)
             print(f"N = {split}: {per_token * 1024:.0f} MB per 1k tokens of sample per rank "
                   f"({long_ - short} tokens from {short} to {long_})")
 

@@ -32,7 +32,7 @@ SPLIT = 64  # --model_max_length 128 over 2 ranks
 SP_RUN = ["--model_max_length", str(2 * SPLIT), "--per_device_train_batch_size", "1", "--logging_steps", "1",
           "--seed", "0", "--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant",
           "--loss_chunk_size", "7"]  # several chunks, more on one rank than the other
-LORA = ["--use_lora", "true", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0"]  # dropout masks are per rank
+LORA = ["--use_lora", "true", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0"]  # (dropout: masks per rank)
 
 
 def conversation(*turns):
@@ -161,7 +161,8 @@ def test_sequence_parallel_lora_trains_exactly_as_without_it(lora_runs, tiny_qwe
     import peft
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(split)
-    logits = [logits_of(peft.PeftModel.from_pretrained(base_model(tiny_qwen2), out), tokenizer) for out in (split, whole)]
+    logits = [logits_of(peft.PeftModel.from_pretrained(base_model(tiny_qwen2), out), tokenizer)
+              for out in (split, whole)]
     length = len(tokenizer(PROMPT)["input_ids"])
     assert_fp32_close(logits[0], logits[1], forward_depth(length) + 4 * backward_depth(tokens), "logits")
 
@@ -190,7 +191,7 @@ def test_sequence_parallel_full_finetune_beside_two_data_parallel_groups(tiny_qw
               "--learning_rate", "0.05", "--deepspeed", zero3_config(tmp_path), "--save_strategy", "no"]
     split = str(tmp_path / "split")
     command = torchrun("--output_dir", split, *common, "--gradient_accumulation_steps", "2",
-                       "--sequence_parallel_size", "2")
+                       "--sequence_parallel_size", "2", "--activation_checkpointing", "true")  # recomputes the swaps
     command[command.index("--nproc_per_node") + 1] = "4"
     assert_success(run_cli(command))
     whole = run("python", str(tmp_path / "whole"), "--output_dir", str(tmp_path / "whole"), *common,
@@ -217,7 +218,8 @@ def tiny_config(heads=4, kv_heads=2):
 
 @pytest.mark.parametrize("overrides, attention, config, message", [
     (dict(deepspeed=None), "sdpa", tiny_config(), "--sequence_parallel_size 2 needs --deepspeed"),
-    (dict(world_size=3), "sdpa", tiny_config(), r"--sequence_parallel_size 2 must divide the number of processes \(3\)"),
+    (dict(world_size=3), "sdpa", tiny_config(),
+     r"--sequence_parallel_size 2 must divide the number of processes \(3\)"),
     (dict(), "eager", tiny_config(), "--attn_implementation eager cannot be split over ranks"),
     (dict(sequence_parallel_size=4, world_size=4), "sdpa", tiny_config(heads=6, kv_heads=2),
      "the model has 6 attention heads and 2 key/value heads"),
@@ -261,10 +263,10 @@ def test_rope_scaling_stretches_positions_with_yarn_in_the_saved_model_and_besid
     common = ["--model_name_or_path", tiny_qwen2, "--data_path", os.path.join(ROOT, "examples", "data.jsonl"),
               "--max_steps", "1", "--save_strategy", "no", "--rope_scaling", "4"]
     full = run("python", str(tmp_path / "full"), "--output_dir", str(tmp_path / "full"), *common)
-    lora = run("python", str(tmp_path / "lora"), "--output_dir", str(tmp_path / "lora"), *common, "--use_lora", "true")
+    lora = run("python", str(tmp_path / "lora"), "--output_dir", str(tmp_path / "lora"), *common, "--use_lora", "true",
+               "--rope_native_length", "2048")
     merged = merge_adapter.merge(lora, str(tmp_path / "merged"), dtype="fp32")
-    native = base_model(tiny_qwen2).config.max_position_embeddings
-    for out in (full, merged):
+    for out, native in ((full, base_model(tiny_qwen2).config.max_position_embeddings), (merged, 2048)):
         model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
         rope = model.config.rope_parameters
         assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == ("yarn", 4, native)
