@@ -10,13 +10,16 @@ with or without `--deepspeed ds_config_zero2.json|ds_config_zero3.json`.
 
 The file reads top to bottom in the order a run happens:
   1. arguments      ModelArguments, DataArguments, TrainingArguments, LoraArguments
-  2. distributed    the one place that knows about launchers, DDP and DeepSpeed ZeRO-3
+  2. distributed    launchers, DDP, DeepSpeed ZeRO-3 and sequence parallelism (Ulysses): their special cases
+                    live here as named helpers; what must stay in a Trainer method says `ZeRO-3:` or
+                    `Sequence parallelism:` where it is
   3. data           sources (files, Parquet, folders, dataset ids) -> read and check samples -> render (the
                     model's chat template or ChatML) -> token ids + labels, cached once per data version ->
                     datasets mixed by count or fraction, collator
   4. preview        --preprocess_only: a report and a dump of exactly what would be trained
   5. model          full precision, LoRA or 4-bit QLoRA
-  6. training       the Trainer with a loss that skips masked positions, throughput logs, a ZeRO-3-aware save
+  6. training       the Trainer with a loss that skips masked positions (also across ranks that split a
+                    sequence), throughput logs, a ZeRO-3-aware save
   7. main           the flow, and the one place where user errors become a one-line message
 
 Label rule: only what the assistant says is trained (its reasoning, content and tool calls), plus the
@@ -42,7 +45,6 @@ import time
 import warnings
 import zipfile
 from array import array
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -52,7 +54,12 @@ import torch.nn.functional as F
 import transformers
 from torch.utils.data import Dataset
 
+# Workaround (bitsandbytes 0.50, imported with transformers' TrainingArguments below): it warns on every CPU
+# machine that an optional 4-bit kernel package is missing, which no user of this script needs to act on.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 IGNORE_INDEX = -100  # label value that the loss skips
+Span = tuple[int, int]  # [start, end) character offsets into a rendered text
 log = logging.getLogger("finetune")
 rank_log = logging.getLogger("finetune.ranks")  # what every rank says (log itself speaks for rank 0 only)
 
@@ -67,11 +74,6 @@ class RunFailed(Exception):
 
 class DataError(UserError):
     """A data file that cannot be read as conversations; the message names the file and the sample."""
-
-
-def is_main_process():
-    """Global rank 0 (torchrun and the deepspeed launcher both set RANK); True for a plain `python` run."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -93,6 +95,11 @@ class ModelArguments:
         default=None,
         metadata={"help": "Stretch the model's positions by this factor with YaRN (Qwen's way past its native "
                   "context: 4 takes a 32k model to 128k); written into the saved config."},
+    )
+    rope_native_length: Optional[int] = field(
+        default=None,
+        metadata={"help": "The context the model was trained for, which --rope_scaling stretches (default: its "
+                  "config's max_position_embeddings; Qwen3's says 40960 where Qwen documents 32768)."},
     )
 
 
@@ -208,7 +215,9 @@ class TrainingArguments(transformers.TrainingArguments):
             self.train_sampling_strategy = "group_by_length"
         super().__post_init__()
         if not torch.cuda.is_available():
-            self.dataloader_pin_memory = False  # pinning needs an accelerator; on the CPU it only warns
+            # Workaround (transformers 5.24, torch 2.13): the Trainer pins memory by default, which needs an
+            # accelerator; on the CPU torch only warns on every batch. It can go when the Trainer checks itself.
+            self.dataloader_pin_memory = False
 
 
 @dataclass
@@ -241,6 +250,13 @@ class LoraArguments:
         },
     )
 
+    def __post_init__(self):
+        self.lora_target_modules = split_names(self.lora_target_modules)
+        self.lora_modules_to_save = split_names(self.lora_modules_to_save)
+        if (self.q_lora or self.lora_weight_path) and not self.use_lora:
+            self.use_lora = True
+            log.info("--q_lora / --lora_weight_path imply --use_lora: training a LoRA adapter")
+
 
 def parse_arguments(argv=None):
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
@@ -252,8 +268,7 @@ def parse_arguments(argv=None):
     except ValueError as e:  # unknown flags and combinations the Trainer rejects
         raise UserError(str(e)) from None
     check_arguments(data_args, training_args, lora_args)
-    if model_args.rope_scaling is not None and not model_args.rope_scaling > 1:
-        raise UserError(f"--rope_scaling is YaRN's factor and must be more than 1, got {model_args.rope_scaling}")
+    check_model_arguments(model_args)
     check_distributed_setup(training_args, lora_args)
     return model_args, data_args, training_args, lora_args
 
@@ -322,13 +337,16 @@ def check_arguments(data_args, training_args, lora_args):
     if data_args.val_size < 0 or (data_args.val_size and data_args.eval_data_path):
         raise UserError("--val_size must be >= 0 and cannot be combined with --eval_data_path")
     check_numbers(training_args, lora_args)
-    lora_args.lora_target_modules = split_names(lora_args.lora_target_modules)
-    lora_args.lora_modules_to_save = split_names(lora_args.lora_modules_to_save)
-    if (lora_args.q_lora or lora_args.lora_weight_path) and not lora_args.use_lora:
-        lora_args.use_lora = True
-        log.info("--q_lora / --lora_weight_path imply --use_lora: training a LoRA adapter")
     if lora_args.lora_weight_path and not os.path.isfile(os.path.join(lora_args.lora_weight_path, "adapter_config.json")):
         raise UserError(f"--lora_weight_path {lora_args.lora_weight_path}: no adapter_config.json in that folder")
+
+
+def check_model_arguments(model_args):
+    if model_args.rope_scaling is not None and not model_args.rope_scaling > 1:
+        raise UserError(f"--rope_scaling is YaRN's factor and must be more than 1, got {model_args.rope_scaling}")
+    native = model_args.rope_native_length
+    if native is not None and not (model_args.rope_scaling and native > 0):
+        raise UserError("--rope_native_length is a positive number of tokens, for --rope_scaling to stretch")
 
 
 def check_numbers(training_args, lora_args):
@@ -629,8 +647,24 @@ def release_output_dir():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. Distributed: torchrun / DDP, the deepspeed launcher, DeepSpeed ZeRO-2/3. Every special case lives here.
+# 2. Distributed: torchrun / DDP, the deepspeed launcher, DeepSpeed ZeRO-2/3, sequence parallelism (Ulysses).
 # ----------------------------------------------------------------------------------------------------------
+
+def is_main_process():
+    """Global rank 0 (torchrun and the deepspeed launcher both set RANK); True for a plain `python` run. The one
+    test of "this is rank 0", except where the Trainer decides which process writes files (args.should_save,
+    which --save_on_each_node extends to every node's first process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def report_error(message):
+    """Print a one-line error from rank 0, and from the first process of every other node: a node with a missing
+    file or a bad variable must say so, not hang silently."""
+    if is_main_process():
+        print(f"error: {message}", file=sys.stderr)
+    elif os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"error (rank {os.environ.get('RANK')}): {message}", file=sys.stderr)
+
 
 def prepare_launch_environment(argv):
     """Fill in what a launcher or a GPU would have provided, before TrainingArguments starts torch.distributed.
@@ -643,9 +677,14 @@ def prepare_launch_environment(argv):
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     if torch.cuda.is_available():
         return argv
+    # Workaround (DeepSpeed 0.19): imported by peft and accelerate whether used or not, it warns on every CPU run
+    # that it found no GPU, unless told which accelerator it is on.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if with_deepspeed:
-        # Accelerate runs DeepSpeed on GPUs only; on the CPU every rank would believe it is alone. Start the
-        # group over gloo here and have the Trainer use it as configured.
+        # Workaround (accelerate 1.15): accelerate runs DeepSpeed on GPUs only, and on the CPU every rank would
+        # believe it is alone. Start the group over gloo here, through accelerate's own PartialState and its
+        # use_configured_state (internals, not a documented path), and have the Trainer use it. It can go when
+        # accelerate starts DeepSpeed on a CPU itself; the distributed tests fail if this breaks.
         from accelerate import PartialState
 
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
@@ -679,8 +718,6 @@ def check_distributed_setup(training_args, lora_args):
             f"the launcher started {launched} processes but they did not join one group "
             f"(this one sees a world of {training_args.world_size}); check the launcher's variables"
         )
-    if lora_args.use_lora and training_args.ddp_find_unused_parameters is None:
-        training_args.ddp_find_unused_parameters = False  # the frozen base has no gradients, by design
 
 
 SEQUENCE_PARALLEL_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
@@ -785,7 +822,7 @@ def agreed_by_all_ranks(decide, *args):
     if not in_process_group():
         return decide(*args)
     outcome, failure = [None], None
-    if torch.distributed.get_rank() == 0:
+    if is_main_process():
         try:
             outcome = [("ok", decide(*args))]
         except UserError as e:
@@ -821,6 +858,11 @@ def weights_are_finite(model, device):
     """Whether every trainable weight is finite, on every rank. ZeRO-3: a rank holds only its partition."""
     finite = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in model.parameters() if p.requires_grad)
     return not any_rank(not finite, device)
+
+
+def full_numel(param):
+    """A parameter's number of elements. ZeRO-3: its local tensor is empty; DeepSpeed keeps the full count."""
+    return getattr(param, "ds_numel", param.numel())
 
 
 def whole_weight(weight):
@@ -946,15 +988,11 @@ def detect_format(path):
     if path.endswith(".parquet"):
         return "parquet"
     with open(path, "rb") as f:
-        first = True
-        while True:
-            chunk = f.read(4096)
-            if not chunk:
-                raise DataError(f"{path}: the file is empty (no samples)")
-            stripped = (chunk.removeprefix(b"\xef\xbb\xbf") if first else chunk).lstrip()  # a UTF-8 byte-order mark
-            first = False
-            if stripped:
-                return "json" if stripped[:1] == b"[" else "jsonl"
+        for line in f:
+            text = line.removeprefix(b"\xef\xbb\xbf").strip()  # a UTF-8 byte-order mark opens some files
+            if text:
+                return "json" if text.startswith(b"[") else "jsonl"
+    raise DataError(f"{path}: the file is empty (no samples)")
 
 
 def iter_raw_samples(path, start=0, end=None, first_line=1):
@@ -1073,7 +1111,7 @@ def parse_json(text, where, with_line=False):
     raise DataError(f"{where}: not valid JSON ({detail})")
 
 
-def parse_sample(sample, where, forbidden_tokens):
+def parse_sample(sample: dict, where: str, forbidden_tokens: list[str]) -> Conversation:
     """Check one raw sample in either supported format and return it as a Conversation."""
     if not isinstance(sample, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(sample).__name__}")
@@ -1215,7 +1253,7 @@ def check_text(text, where, forbidden_tokens):
             raise DataError(f"{where} contains the control token {token!r}, which plain text must not hold")
 
 
-def render_chatml(conversation, default_system):
+def render_chatml(conversation: Conversation, default_system: Optional[str]) -> tuple[str, list[Span]]:
     """ChatML text of a conversation and the character spans to train: each assistant content plus its <|im_end|>."""
     turns = conversation.messages
     system = conversation.system if conversation.system is not None else default_system or None
@@ -1234,7 +1272,8 @@ def render_chatml(conversation, default_system):
     return "".join(pieces), trained_spans
 
 
-def render_with_chat_template(tokenizer, conversation, default_system):
+def render_with_chat_template(tokenizer, conversation: Conversation,
+                              default_system: Optional[str]) -> tuple[str, list[Span]]:
     """The model's own chat template (--template auto): the text equals apply_chat_template's for the sample."""
     messages = conversation.messages
     system = conversation.system if conversation.system is not None else default_system
@@ -1247,7 +1286,7 @@ def render_with_chat_template(tokenizer, conversation, default_system):
     return text, assistant_spans(text, conversation)
 
 
-def assistant_spans(text, conversation):
+def assistant_spans(text: str, conversation: Conversation) -> list[Span]:
     """The character spans to train in a template's rendering: each assistant turn from after its header through
     its <|im_end|> (content, reasoning, tool calls), less an empty thinking block at its start.
 
@@ -1307,7 +1346,10 @@ PROBE_ARGUMENTS = '{"probe_key": "probe_value"}'
 def probe_template(tokenizer):
     """Render a tiny conversation a few ways to learn what the template does with tools, tool calls and reasoning,
     so that nothing a sample holds is dropped or mangled without a word. A probe the template raises on counts as
-    not written."""
+    not written.
+
+    Workaround (transformers 5): a chat template is Jinja code that declares nothing about what it renders; this
+    can go if templates come to declare it."""
     tool = {"type": "function", "function": {"name": "probe_tool", "description": "probe_description",
                                              "parameters": {"type": "object", "properties": {}}}}
 
@@ -1332,8 +1374,12 @@ def probe_template(tokenizer):
     )
 
 
-def labels_from_offsets(input_ids, offsets, trained_spans):
-    """Labels = input ids where the token's first character lies in a trained span, IGNORE_INDEX elsewhere."""
+def labels_from_offsets(input_ids: list[int], offsets: list[Span],
+                        trained_spans: list[Span]) -> tuple[np.ndarray, np.ndarray]:
+    """(input ids, labels), int32 [tokens]: labels = input ids where the token's first character lies in a trained
+    span, IGNORE_INDEX elsewhere. For "<|im_start|>assistant\nHi<|im_end|>\n", trained span "Hi<|im_end|>":
+        tokens  <|im_start|>  assistant  \n    Hi   <|im_end|>  \n
+        labels  -100          -100       -100  Hi   <|im_end|>  -100"""
     ids = np.asarray(input_ids, dtype=np.int32)
     token_starts = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
     span_starts = np.asarray([s for s, _ in trained_spans], dtype=np.int64)
@@ -1418,12 +1464,12 @@ class ChatEncoder:
             return render_chatml(conversation, self.system_message)
         return render_with_chat_template(self.tokenizer, conversation, self.system_message)
 
-    def encode(self, conversations):
+    def encode(self, conversations: list[Conversation]) -> list[Optional[dict[str, np.ndarray]]]:
         """Encode a batch into int32 arrays (4 bytes a token, not a Python int's 36); an entry is None when the
         sample keeps no trained token after truncation."""
         return [example for example, _ in self.encode_with_lengths(conversations)]
 
-    def encode_with_lengths(self, conversations):
+    def encode_with_lengths(self, conversations: list[Conversation]) -> list[tuple[Optional[dict], int]]:
         """[(example or None, its length in tokens before truncation)] for a batch of conversations."""
         rendered = [self.render(c) for c in conversations]
         batch = self.tokenizer(
@@ -1447,11 +1493,13 @@ class ChatEncoder:
         return len(first_trained_end.encode("utf-8")) < self.model_max_length
 
 
+# What a data set counts besides its samples: `dropped` (samples that keep no trained token within
+# --model_max_length) and `empty_assistant` (samples with an empty assistant message), and how reports word them.
 DROP_REASON_TRUNCATED = "no trained token within --model_max_length"
 NOTICE_EMPTY_ASSISTANT = "an empty assistant message (only its <|im_end|> is trained)"
 
 
-def as_lists(example):
+def as_lists(example: dict[str, np.ndarray]) -> dict[str, list[int]]:
     """What a dataset hands out: plain lists, as a collator or a JSON dump expects."""
     return {"input_ids": example["input_ids"].tolist(), "labels": example["labels"].tolist()}
 
@@ -1468,7 +1516,7 @@ class SupervisedDataset(Dataset):
         self.cached = bool(cache_dir)
         with open(os.path.join(folder, "meta.json")) as f:
             meta = json.load(f)
-        self.dropped, self.notices = Counter(meta["dropped"]), Counter(meta["notices"])
+        self.dropped, self.empty_assistant = meta["dropped"], meta["empty_assistant"]
         arrays = {name: np.memmap(os.path.join(folder, f"{name}.bin"), dtype=dtype, mode="r") if size else
                   np.zeros(0, dtype) for name, (dtype, size) in zip(TOKENIZED_ARRAYS, meta["sizes"])}
         self.input_ids, self.labels = arrays["input_ids"], arrays["labels"]
@@ -1497,14 +1545,14 @@ class SupervisedDataset(Dataset):
     def __len__(self):
         return max(len(self.offsets) - 1, 0)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i) -> dict[str, list[int]]:
         return as_lists(self.example(i))
 
 
 # The files of a tokenized data set (name: dtype), each one flat array
 TOKENIZED_ARRAYS = {"input_ids": np.int32, "labels": np.int32, "offsets": np.int64, "full_lengths": np.int32}
-# Raise whenever rendering, tokenizing or labelling changes what it produces: older cache entries then go unused.
-TOKENIZED_FORMAT_VERSION = 1
+# Raise whenever rendering, tokenizing, labelling or the files written change: older cache entries then go unused.
+TOKENIZED_FORMAT_VERSION = 2
 
 
 def default_cache_dir():
@@ -1616,7 +1664,8 @@ def build_tokenized(path, encoder, folder, num_workers, batch_size):
         with context.Pool(len(parts), initializer=_set_worker_encoder, initargs=(encoder,)) as pool:
             results = pool.starmap(tokenize_part_in_worker,
                                    [(path, folder, k, part, batch_size) for k, part in enumerate(parts)])
-    meta = {"source": path, "dropped": Counter(), "notices": Counter()}
+    meta = {"source": path, "dropped": sum(r["dropped"] for r in results),
+            "empty_assistant": sum(r["empty_assistant"] for r in results)}
     offset_base = 0
     for name in TOKENIZED_ARRAYS:
         with open(os.path.join(folder, f"{name}.bin"), "wb") as out:
@@ -1630,9 +1679,6 @@ def build_tokenized(path, encoder, folder, num_workers, batch_size):
                     with open(part_file, "rb") as part:
                         shutil.copyfileobj(part, out)
                 os.remove(part_file)
-    for result in results:
-        meta["dropped"].update(result["dropped"])
-        meta["notices"].update(result["notices"])
     meta["sizes"] = [(np.dtype(dtype).name, os.path.getsize(os.path.join(folder, f"{name}.bin")))
                      for name, dtype in TOKENIZED_ARRAYS.items()]
     with open(os.path.join(folder, "meta.json"), "w") as f:
@@ -1682,15 +1728,15 @@ def tokenize_part_in_worker(path, folder, k, part, batch_size):
 def tokenize_part(path, encoder, folder, k, part, batch_size):
     """Tokenize one run of samples into `{name}.part{k}` files; returns what it dropped and noticed."""
     files = {name: open(os.path.join(folder, f"{name}.part{k}"), "wb") for name in TOKENIZED_ARRAYS}
-    dropped, notices, total = Counter(), Counter(), 0
+    dropped, empty_assistant, total = 0, 0, 0
     np.zeros(1, np.int64).tofile(files["offsets"])
 
     def add(encoded):
-        nonlocal total
+        nonlocal total, dropped
         for example, full_length in encoded:
             np.int32(full_length).tofile(files["full_lengths"])
             if example is None:
-                dropped[DROP_REASON_TRUNCATED] += 1
+                dropped += 1
                 continue
             example["input_ids"].tofile(files["input_ids"])
             example["labels"].tofile(files["labels"])
@@ -1701,7 +1747,7 @@ def tokenize_part(path, encoder, folder, k, part, batch_size):
         batch = []
         for where, sample, _ in iter_raw_samples(path, *part):
             batch.append(encoder.parse(sample, where))
-            notices[NOTICE_EMPTY_ASSISTANT] += batch[-1].has_empty_assistant_message()
+            empty_assistant += batch[-1].has_empty_assistant_message()
             if len(batch) == batch_size:
                 add(encoder.encode_with_lengths(batch))
                 batch = []
@@ -1709,7 +1755,7 @@ def tokenize_part(path, encoder, folder, k, part, batch_size):
     finally:
         for f in files.values():
             f.close()
-    return {"dropped": dict(dropped), "notices": dict(notices)}
+    return {"dropped": dropped, "empty_assistant": empty_assistant}
 
 
 class LazySupervisedDataset(Dataset):
@@ -1719,17 +1765,17 @@ class LazySupervisedDataset(Dataset):
     parsed samples (a JSON array has to be parsed whole, so there the parsed samples are kept)."""
 
     def __init__(self, path, encoder):
-        self.path, self.encoder, self.dropped, self.notices = path, encoder, Counter(), Counter()
+        self.path, self.encoder, self.dropped, self.empty_assistant = path, encoder, 0, 0
         self.is_jsonl = detect_format(path) == "jsonl"
         self.samples = None if self.is_jsonl else []
         self.locations = array("q")  # byte offset (JSONL) or index into self.samples (JSON) of each kept sample
         self.lengths = array("i")  # estimated tokens, capped at the token limit: for grouping by length
         for where, sample, location in iter_raw_samples(path):
             conversation = encoder.parse(sample, where)
-            self.notices[NOTICE_EMPTY_ASSISTANT] += conversation.has_empty_assistant_message()
+            self.empty_assistant += conversation.has_empty_assistant_message()
             text, spans = encoder.render(conversation)
             if not encoder.surely_keeps_a_trained_token(text, spans) and encoder.encode([conversation])[0] is None:
-                self.dropped[DROP_REASON_TRUNCATED] += 1
+                self.dropped += 1
                 continue
             # Qwen's tokens average about 4 UTF-8 bytes in English and about 3 (one character) in Chinese.
             self.lengths.append(min(len(text.encode("utf-8")) // 4 + 1, encoder.model_max_length))
@@ -1743,7 +1789,7 @@ class LazySupervisedDataset(Dataset):
     def __len__(self):
         return len(self.locations)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i) -> dict[str, list[int]]:
         location = self.locations[i]
         if self.is_jsonl:
             with open(self.path, "rb") as f:
@@ -1790,15 +1836,13 @@ def choose_samples(total, take, rng):
 
 def report_source(source, datasets, taken):
     """One line per source: samples read, kept, dropped (and why), taken; logged, and shown by --preprocess_only."""
-    dropped, notices = sum((d.dropped for d in datasets), Counter()), sum((d.notices for d in datasets), Counter())
+    dropped, empty_assistant = sum(d.dropped for d in datasets), sum(d.empty_assistant for d in datasets)
     kept = sum(len(d) for d in datasets)
-    why = f" ({', '.join(f'{count} with {reason}' for reason, count in dropped.items())})" if dropped else ""
-    line = (f"{source.spec}: {kept + sum(dropped.values()):,} read, {kept:,} kept, {sum(dropped.values()):,} "
-            f"dropped{why}, {taken:,} taken")
+    why = f" ({dropped} with {DROP_REASON_TRUNCATED})" if dropped else ""
+    line = f"{source.spec}: {kept + dropped:,} read, {kept:,} kept, {dropped:,} dropped{why}, {taken:,} taken"
     log.warning(line) if dropped else log.info(line)
-    for notice, count in notices.items():
-        if count:
-            log.warning(f"{source.spec}: {count} sample(s) with {notice}")
+    if empty_assistant:
+        log.warning(f"{source.spec}: {empty_assistant} sample(s) with {NOTICE_EMPTY_ASSISTANT}")
     return line
 
 
@@ -1807,14 +1851,13 @@ class MixedDataset(Dataset):
 
     def __init__(self, parts, part_of, index_in_part, reports):
         self.parts, self.part_of, self.index_in_part, self.reports = parts, part_of, index_in_part, reports
-        self.dropped = sum((part.dropped for part in parts), Counter())
-        self.notices = sum((part.notices for part in parts), Counter())
-        self.notices.update({notice: 0 for part in parts for notice in part.notices})  # keep zero counts visible
+        self.dropped = sum(part.dropped for part in parts)
+        self.empty_assistant = sum(part.empty_assistant for part in parts)
 
     def __len__(self):
         return len(self.index_in_part)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i) -> dict[str, list[int]]:
         return self.parts[self.part_of[i]][int(self.index_in_part[i])]
 
     def example(self, i):
@@ -1871,7 +1914,7 @@ class PadToLongestCollator:
     position_ids: bool = False
     length: Optional[int] = None
 
-    def __call__(self, examples):
+    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:  # each [batch, longest]
         longest = self.length or max(len(e["input_ids"]) for e in examples)
         longest = -(-longest // self.multiple_of) * self.multiple_of
         input_ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)
@@ -1928,9 +1971,11 @@ def describe_dataset(dataset):
     lengths = np.array(dataset.lengths)
     trained = dataset.trained_tokens()
     lines = list(getattr(dataset, "reports", []))
-    lines += [f"samples kept: {len(dataset)}", f"samples dropped: {sum(dataset.dropped.values())}"]
-    lines += [f"  {count} with {reason}" for reason, count in dataset.dropped.items()]
-    lines += [f"notice: {count} sample(s) with {notice}" for notice, count in dataset.notices.items() if count]
+    lines += [f"samples kept: {len(dataset)}", f"samples dropped: {dataset.dropped}"]
+    if dataset.dropped:
+        lines.append(f"  {dataset.dropped} with {DROP_REASON_TRUNCATED}")
+    if dataset.empty_assistant:
+        lines.append(f"notice: {dataset.empty_assistant} sample(s) with {NOTICE_EMPTY_ASSISTANT}")
     if len(lengths):
         lines += [
             f"tokens: {lengths.sum()} in all, {trained} trained ({100 * trained / lengths.sum():.1f}%)",
@@ -2057,7 +2102,7 @@ def with_yarn(model_args):
                                                      trust_remote_code=model_args.trust_remote_code)
     rope = dict(config.rope_parameters or {})
     native = rope.get("original_max_position_embeddings") if rope.get("rope_type") == "yarn" else None
-    native = native or config.max_position_embeddings
+    native = model_args.rope_native_length or native or config.max_position_embeddings
     factor = model_args.rope_scaling
     config.rope_parameters = {**rope, "rope_type": "yarn", "factor": factor,
                               "original_max_position_embeddings": native}
@@ -2073,10 +2118,10 @@ def add_lora(model, training_args, lora_args):
     if lora_args.q_lora:
         model = peft.prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=training_args.gradient_checkpointing,
-            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs,
+            use_gradient_checkpointing=training_args.activation_checkpointing,  # peft 0.21 keeps the old names
+            gradient_checkpointing_kwargs=training_args.activation_checkpointing_kwargs,
         )
-    if training_args.gradient_checkpointing:
+    if training_args.activation_checkpointing:
         # With frozen embeddings, checkpointed blocks would see inputs that need no grad and skip the adapters.
         model.enable_input_require_grads()
     if lora_args.lora_weight_path:
@@ -2096,11 +2141,8 @@ def add_lora(model, training_args, lora_args):
 
 
 def log_trainable_parameters(model):
-    def count(p):
-        return getattr(p, "ds_numel", p.numel())  # under ZeRO-3 a parameter's local tensor is empty
-
-    trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
-    total = sum(count(p) for p in model.parameters())
+    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(full_numel(p) for p in model.parameters())
     log.info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
 
 
@@ -2326,8 +2368,10 @@ class FinetuneTrainer(transformers.Trainer):
     """The Hugging Face Trainer, plus: the chunked loss, length grouping from the dataset's own lengths,
     tokens/s per device in the logs, and one save for checkpoints and the final result."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model, args, **kwargs):
+        if hasattr(model, "peft_config") and args.ddp_find_unused_parameters is None:
+            args.ddp_find_unused_parameters = False  # DDP: the frozen base has no gradients, by design
+        super().__init__(model=model, args=args, **kwargs)
         if self.args.chunked_loss and self.args.n_gpu > 1:
             # One process driving several GPUs (DataParallel): each replica would overwrite the hidden states.
             log.warning("several GPUs in one process: the chunked loss is off; launch with torchrun or the "
@@ -2349,8 +2393,9 @@ class FinetuneTrainer(transformers.Trainer):
             self._window_start = self._window_start or time.perf_counter()
             mask = inputs.get("attention_mask")
             self._tokens += mask.sum() if mask is not None else inputs["input_ids"].numel()
-            self._trained_tokens += (inputs["shift_labels" if "shift_labels" in inputs else "labels"] != IGNORE_INDEX).sum()
-            if self.sequence_parallel > 1:
+            labels = inputs["labels"] if "labels" in inputs else inputs["shift_labels"]  # the latter: a slice's
+            self._trained_tokens += (labels != IGNORE_INDEX).sum()
+            if self.sequence_parallel > 1:  # Sequence parallelism: this rank holds a slice of each sequence
                 return self.sequence_parallel_loss(model, inputs, num_items_in_batch, return_outputs)
         if self.compute_loss_func is not None:
             # The chunked loss projects the trained positions itself: the model keeps no logits at all.
@@ -2359,6 +2404,7 @@ class FinetuneTrainer(transformers.Trainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def train(self, *args, **kwargs):
+        # Sequence parallelism: resuming mid-epoch must skip batches under DeepSpeed's data loader adapter.
         with resumable_sequence_parallel_loader() if self.sequence_parallel > 1 else contextlib.nullcontext():
             return super().train(*args, **kwargs)
 
@@ -2387,7 +2433,7 @@ class FinetuneTrainer(transformers.Trainer):
     def _get_num_items_in_batch(self, batch_samples, device):
         if self.sequence_parallel == 1:
             return super()._get_num_items_in_batch(batch_samples, device)
-        # The trained tokens of the step on every rank: each counts those of its own slices.
+        # Sequence parallelism: the trained tokens of the step on every rank, each counting its own slices'.
         count = sum((batch["shift_labels"] != IGNORE_INDEX).sum() for batch in batch_samples).to(device)
         return self.accelerator.gather(count.reshape(1)).sum()
 
@@ -2406,7 +2452,8 @@ class FinetuneTrainer(transformers.Trainer):
     def log(self, logs, *args, **kwargs):
         """Add this device's tokens/s and trained tokens/s to every training log and to the final summary."""
         if self.sequence_parallel > 1:
-            # The Trainer logs the mean of the ranks' losses: their sum is the step's loss times the weight.
+            # Sequence parallelism: the Trainer logs the mean of the ranks' losses, whose sum is the step's loss
+            # times the weight.
             for key in ("loss", "train_loss"):
                 if key in logs:
                     logs[key] *= self.args.world_size / self.sequence_parallel_weight
@@ -2443,7 +2490,7 @@ class FinetuneTrainer(transformers.Trainer):
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
         model.config.use_cache = True  # training turned it off; whoever loads the result wants it back
-        if hasattr(model, "peft_config") and uses_zero3():
+        if hasattr(model, "peft_config") and uses_zero3():  # ZeRO-3: the adapter is spread over the ranks
             state_dict = gather_trainable_state_dict(model, keep=self.args.should_save)  # every rank takes part
             if self.args.should_save:
                 model.save_pretrained(output_dir, state_dict=state_dict)
@@ -2600,7 +2647,8 @@ def stop_before_training(signum, frame):
 
 def main(argv=None):
     logging.basicConfig(format="[%(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    # peft still calls transformers' old name for activation checkpointing; users can do nothing about it.
+    # Workaround (peft 0.21): it still calls transformers 5's deprecated is_gradient_checkpointing; it can go when
+    # peft calls is_activation_checkpointing.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     log.setLevel(logging.INFO if is_main_process() else logging.WARNING)
     rank_log.setLevel(logging.INFO)
@@ -2613,11 +2661,7 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except UserError as e:
-        # Once per node: a node with a missing file or a bad variable must say so, not hang silently.
-        if is_main_process():
-            print(f"error: {e}", file=sys.stderr)
-        elif os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"error (rank {os.environ.get('RANK')}): {e}", file=sys.stderr)
+        report_error(e)
         sys.exit(2)
     finally:
         release_output_dir()

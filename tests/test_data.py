@@ -116,7 +116,7 @@ def long_prompt_samples():
 def test_truncation_keeps_the_first_tokens_and_drops_samples_left_without_trained_tokens(tokenizer, tmp_path, lazy):
     path = write_jsonl(tmp_path / "d.jsonl", long_prompt_samples())
     dataset, examples = encode_file(tokenizer, path, lazy=lazy, model_max_length=32, system_message="")
-    assert len(examples) == 2 and sum(dataset.dropped.values()) == 1
+    assert len(examples) == 2 and dataset.dropped == 1
     _, full_ids, full_labels = reference_ids_and_labels(tokenizer, long_prompt_samples()[0]["messages"])
     assert len(full_ids) > 32
     assert examples[0]["input_ids"] == full_ids[:32] and examples[0]["labels"] == full_labels[:32]
@@ -230,7 +230,7 @@ def test_eager_and_lazy_datasets_yield_identical_examples(tokenizer, tmp_path, w
     path = writer(tmp_path / "d.data", samples)
     eager, eager_examples = encode_file(tokenizer, path, model_max_length=40)
     lazy, lazy_examples = encode_file(tokenizer, path, lazy=True, model_max_length=40)
-    assert len(eager_examples) == 6 and sum(eager.dropped.values()) == 1 and eager.dropped == lazy.dropped
+    assert len(eager_examples) == 6 and eager.dropped == 1 and eager.dropped == lazy.dropped
     assert eager_examples == lazy_examples
 
 

@@ -236,3 +236,10 @@ def test_demo_builds_trains_and_generates(tmp_path):
     assert_success(result)
     assert "random weights" in result.stdout and "assistant: " in result.stdout
     assert os.path.exists(tmp_path / "demo" / "adapter" / "adapter_model.safetensors")
+    # What it prints is what a user can act on: each flag of the launched command once, no library noise.
+    command = next(line for line in result.stdout.splitlines() if line.startswith("+ "))
+    flags = [word for word in command.split() if word.startswith("--")]
+    assert len(flags) == len(set(flags)), command
+    output = result.stdout + result.stderr
+    for noise in ("Warning", "Setting accelerator to CPU", "Failed to load CPU gemm_4bit_forward"):
+        assert noise not in output, output

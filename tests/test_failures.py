@@ -104,7 +104,7 @@ def test_empty_assistant_messages_are_counted_in_the_report(tokenizer, tmp_path,
         with caplog.at_level(logging.WARNING, logger="finetune"):
             dataset = finetune.make_dataset(path, make_encoder(tokenizer), finetune.DataArguments(
                 data_path=path, lazy_preprocess=lazy, data_cache_dir=str(tmp_path / "cache")))
-        assert dataset.notices[finetune.NOTICE_EMPTY_ASSISTANT] == 2 and len(dataset) == 3
+        assert dataset.empty_assistant == 2 and len(dataset) == 3
         assert f"{path}: 2 sample(s) with an empty assistant message" in caplog.text
     assert "notice: 2 sample(s) with an empty assistant message" in finetune.describe_dataset(
         finetune.SupervisedDataset(path, make_encoder(tokenizer)))
@@ -138,6 +138,7 @@ def test_a_huge_sample_is_cut_before_it_is_tokenized_whole(tokenizer, tmp_path, 
     (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps must be positive"),
     (["--sequence_parallel_size", "0"], "--sequence_parallel_size must be positive"),
     (["--rope_scaling", "0.5"], "--rope_scaling is YaRN's factor and must be more than 1, got 0.5"),
+    (["--rope_native_length", "4096"], "--rope_native_length is a positive number of tokens, for --rope_scaling"),
 ])
 def test_impossible_numbers_are_refused(tmp_path, flags, problem):
     with pytest.raises(finetune.UserError, match=problem.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
@@ -437,7 +438,7 @@ def test_sigterm_to_the_launcher_under_torchrun_saves_the_last_step_at_once_and_
         {"role": "assistant", "content": "The sea is wide and deep. " * 30}]} for i in range(400)])
     out = str(tmp_path / "out")
     command = ["bash", "finetune_lora.sh", "-m", tiny_qwen2, "-d", data, "-o", out, "--max_steps", "3",
-               "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "100", "--logging_steps", "1",
+               "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "160", "--logging_steps", "1",
                "--save_steps", "100", "--lora_r", "8", "--activation_checkpointing", "false"]
     env = {**CHILD_ENV, "NPROC_PER_NODE": "2", "MASTER_PORT": str(finetune.free_port())}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -460,3 +461,31 @@ def test_sigterm_to_the_launcher_under_torchrun_saves_the_last_step_at_once_and_
     assert "Traceback" not in output and "ChildFailedError" not in output
     assert sorted(name for name in os.listdir(out) if name.startswith("checkpoint")) == ["checkpoint-1"]
     assert finetune.checkpoint_problem(os.path.join(out, "checkpoint-1"), 1) is None
+
+
+def test_merge_adapter_says_what_is_wrong_in_one_line(tmp_path, tiny_qwen2, capsys):
+    import merge_adapter
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"base_model_name_or_path": "nowhere"}')
+    cases = [(["--adapter", str(tmp_path / "missing")], f"{tmp_path / 'missing'}: no adapter_config.json"),
+             (["--adapter", str(tmp_path / "adapter"), "--base", str(tmp_path / "no_model")],
+              f"base model {tmp_path / 'no_model'}: cannot load its config"),
+             (["--adapter", str(tmp_path / "adapter"), "--base", str(tmp_path / "config_only")],
+              f"base model {tmp_path / 'config_only'}: cannot load it (")]
+    (tmp_path / "config_only").mkdir()
+    shutil.copy(os.path.join(tiny_qwen2, "config.json"), tmp_path / "config_only")
+    for flags, message in cases:
+        assert merge_adapter.main([*flags, "--output", str(tmp_path / "out")]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: ") and message in error and error.count("\n") == 1, error
+
+
+def test_lora_arguments_are_normalised_where_they_are_defined():
+    args = finetune.LoraArguments(q_lora=True, lora_target_modules=["q_proj,k_proj", "v_proj"],
+                                  lora_modules_to_save="embed_tokens lm_head")
+    assert args.use_lora  # --q_lora implies it
+    assert args.lora_target_modules == ["q_proj", "k_proj", "v_proj"]
+    assert args.lora_modules_to_save == ["embed_tokens", "lm_head"]
+    assert finetune.LoraArguments(lora_weight_path="adapter").use_lora
+    assert not finetune.LoraArguments().use_lora and finetune.LoraArguments().lora_target_modules == ["all-linear"]
