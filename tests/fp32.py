@@ -67,5 +67,6 @@ def _report(actual, expected, depth, what):
     observed = (actual - expected).abs().max().item() / unit
     test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
     with open(path, "a") as f:
-        f.write(json.dumps({"test": test, "what": what, "observed": round(observed, 2), "allowed": SLACK * depth})
+        f.write(json.dumps({"test": test, "what": what, "observed": round(observed, 2),
+                            "allowed": float(SLACK * depth)})
                 + "\n")

@@ -96,8 +96,7 @@ def tokens_seen(output_dir):
 def trained_tokens_per_step(tokenizer_path, per_step):
     """The most trained tokens a step of `per_step` samples can hold (the order is shuffled)."""
     encoder = finetune.ChatEncoder(transformers.AutoTokenizer.from_pretrained(tokenizer_path), 2 * SPLIT)
-    counts = [sum(label != IGNORE_INDEX for label in encoder.encode([encoder.parse(s, "")])[0]["labels"])
-              for s in SAMPLES]
+    counts = [int((encoder.encode([encoder.parse(s, "")])[0]["labels"] != IGNORE_INDEX).sum()) for s in SAMPLES]
     return sum(sorted(counts)[-per_step:])
 
 
