@@ -147,6 +147,7 @@ fi
 ( trap '' TERM INT; PET_SIGNALS_TO_HANDLE=SIGHUP,SIGQUIT FINETUNE_SIGNAL_EXIT_CODE=0 exec "${cmd[@]}" ) &
 child=$!
 signalled=""
+delivered=""  # a worker has had the signal: once they are all gone, torchrun is left to finish on its own
 on_signal() {
     [ "$signalled" = INT ] && [ "$1" = INT ] && { pkill -KILL -P "$child" 2>/dev/null || true; }
     signalled="${signalled:-$1}"
@@ -156,8 +157,12 @@ trap 'on_signal INT' INT
 while kill -0 "$child" 2>/dev/null; do
     if [ -z "$signalled" ]; then
         wait "$child" || true
-    else  # no worker yet (rendezvous): torchrun stops on SIGHUP
-        pkill -TERM -P "$child" 2>/dev/null || kill -HUP "$child" 2>/dev/null || true
+    else
+        if pkill -TERM -P "$child" 2>/dev/null; then
+            delivered=1
+        elif [ -z "$delivered" ]; then  # no worker yet (rendezvous): torchrun stops on SIGHUP
+            kill -HUP "$child" 2>/dev/null || true
+        fi
         sleep 1
     fi
 done
