@@ -409,14 +409,18 @@ def checkpoint_problem(folder, step=None):
         return f"its trainer_state.json does not name step {step}"
     names = set(os.listdir(folder))
     deepspeed_states = [name for name in names if name.startswith("global_step")]
-    if not deepspeed_states and not any(name.endswith((".safetensors", ".bin")) and name != "training_args.bin"
-                                        for name in names):
+    if not deepspeed_states and not holds_weights(names):
         return "it holds no model or adapter weights"
     if "optimizer.pt" not in names and not deepspeed_states:
         return "it holds no optimizer state (saved with --save_only_model?)"
     return weights_problem(folder, [os.path.join(d, name) for d in deepspeed_states
                                     if os.path.isdir(os.path.join(folder, d))
                                     for name in sorted(os.listdir(os.path.join(folder, d)))])
+
+
+def holds_weights(names):
+    """Whether a folder's file names include model or adapter weights (training_args.bin is the Trainer's flags)."""
+    return any(name.endswith((".safetensors", ".bin")) and name != "training_args.bin" for name in names)
 
 
 def weights_problem(folder, more_files=()):
@@ -2055,7 +2059,7 @@ def check_model_files(model_args):
         raise UserError(f"--model_name_or_path {path}: cannot load its config ({first_line(e)})") from None
     if not os.path.isdir(path):
         return config  # a hub id: the hub's files are checked by the download
-    if not any(name.endswith((".safetensors", ".bin")) and name != "training_args.bin" for name in os.listdir(path)):
+    if not holds_weights(os.listdir(path)):
         raise UserError(f"--model_name_or_path {path}: no model weights (*.safetensors) in that folder")
     if problem := weights_problem(path):
         raise UserError(f"--model_name_or_path {path}: {problem}")
@@ -2395,12 +2399,12 @@ class FinetuneTrainer(transformers.Trainer):
             self._tokens += mask.sum() if mask is not None else inputs["input_ids"].numel()
             labels = inputs["labels"] if "labels" in inputs else inputs["shift_labels"]  # the latter: a slice's
             self._trained_tokens += (labels != IGNORE_INDEX).sum()
-            if self.sequence_parallel > 1:  # Sequence parallelism: this rank holds a slice of each sequence
-                return self.sequence_parallel_loss(model, inputs, num_items_in_batch, return_outputs)
         if self.compute_loss_func is not None:
             # The chunked loss projects the trained positions itself: the model keeps no logits at all.
             no_positions = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
             inputs = {**inputs, "logits_to_keep": no_positions}
+        if model.training and self.sequence_parallel > 1:  # Sequence parallelism: this rank holds slices
+            return self.sequence_parallel_loss(model, inputs, num_items_in_batch, return_outputs)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def train(self, *args, **kwargs):
@@ -2419,12 +2423,10 @@ class FinetuneTrainer(transformers.Trainer):
         without sequence parallelism."""
         inputs = dict(inputs)
         next_tokens = inputs.pop("shift_labels")
+        outputs = model(**inputs)  # without logits for the chunked loss (compute_loss asked for none)
         if self.compute_loss_func is not None:
-            no_positions = torch.empty(0, dtype=torch.long, device=next_tokens.device)
-            outputs = model(**inputs, logits_to_keep=no_positions)
             total = self.compute_loss_func.summed_loss(next_tokens)
         else:  # --chunked_loss false: logits for every position of the slice
-            outputs = model(**inputs)
             total = F.cross_entropy(outputs.logits.float().flatten(0, 1), next_tokens.flatten(),
                                     ignore_index=IGNORE_INDEX, reduction="sum")
         loss = total * self.sequence_parallel_weight / num_items_in_batch
