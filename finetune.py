@@ -2652,6 +2652,10 @@ def main(argv=None):
     # Workaround (peft 0.21): it still calls transformers 5's deprecated is_gradient_checkpointing; it can go when
     # peft calls is_activation_checkpointing.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # Workaround (DeepSpeed 0.19 on torch 2.13): ZeRO-3 calls collectives that torch has renamed, and torch warns on
+    # every rank; it can go when DeepSpeed calls the new names.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                            "deprecated", category=FutureWarning)
     log.setLevel(logging.INFO if is_main_process() else logging.WARNING)
     rank_log.setLevel(logging.INFO)
     for sig in (signal.SIGTERM, signal.SIGINT):  # until training starts (and StopOnSignal takes over): just stop
