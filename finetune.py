@@ -1,4 +1,5 @@
-"""Fine-tune a Qwen chat model (Qwen1.5, Qwen2, Qwen2.5, Qwen3) on your own conversations.
+"""Fine-tune a Qwen chat model (Qwen1.5 to Qwen3.8: dense, hybrid linear-attention, MoE, multimodal checkpoints) on
+your own conversations.
 
     python finetune.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --data_path data.jsonl \
         --output_dir out --use_lora true
@@ -135,6 +136,12 @@ class DataArguments:
                   "--template chatml, the template's own default with auto. Empty: none with chatml, an empty "
                   "system message with auto."},
     )
+    chat_template_kwargs: Optional[str] = field(
+        default=None,
+        metadata={"help": "A JSON object of settings handed to the model's chat template at every render, e.g. "
+                  "'{\"preserve_thinking\": true}' (Qwen3.6/3.8), '{\"enable_thinking\": false}', "
+                  "'{\"reasoning_effort\": \"low\"}' (Qwen3.8); as vLLM's API takes them. --template auto only."},
+    )
     preprocess_only: bool = field(
         default=False,
         metadata={"help": "Load only the tokenizer, report on the data, write tokenized_train.jsonl, and exit."},
@@ -157,6 +164,7 @@ class DataArguments:
             self.data_cache_dir = ""
         if self.preprocessing_num_workers is None:
             self.preprocessing_num_workers = min(len(os.sched_getaffinity(0)), 8)
+        self.chat_template_kwargs = parse_template_kwargs(self.chat_template_kwargs)
 
 
 @dataclass
@@ -373,6 +381,20 @@ def check_numbers(training_args, lora_args):
         raise UserError(f"--max_steps must be positive (or -1: set by --num_train_epochs), got {training_args.max_steps}")
 
 
+def parse_template_kwargs(value):
+    """--chat_template_kwargs as a dict (a config file's mapping arrives as JSON text); {} when unset."""
+    if value is None or isinstance(value, dict):
+        return value or {}
+    try:
+        parsed = json.loads(value) if value.strip() else {}
+    except ValueError as e:
+        raise UserError(f"--chat_template_kwargs must be a JSON object, e.g. '{{\"preserve_thinking\": true}}' "
+                        f"({first_line(e)})") from None
+    if not isinstance(parsed, dict):
+        raise UserError(f"--chat_template_kwargs must be a JSON object of template settings, got {value!r}")
+    return parsed
+
+
 def split_names(items):
     """['q_proj,k_proj', 'v_proj'] -> ['q_proj', 'k_proj', 'v_proj']: commas and spaces both separate a list."""
     items = [items] if isinstance(items, str) else items or []
@@ -533,7 +555,8 @@ def sources_fingerprint(data_args, training_args):
     takes = [source.take for source in sources]
     selection = json.dumps([takes, training_args.seed if any(take is not None for take in takes) or
                             data_args.val_size else None, data_args.val_size, data_args.template,
-                            data_args.system_message, training_args.model_max_length])
+                            data_args.system_message, data_args.chat_template_kwargs,
+                            training_args.model_max_length])
     return hashlib.sha256((data_fingerprint([p for s in sources for p in s.parts]) + selection).encode()).hexdigest()
 
 
@@ -580,7 +603,8 @@ def resolve_resume_checkpoint(training_args, model_args=None, lora_args=None, fi
     if training_args.resume_on_new_data:
         return None, set_aside_checkpoints(training_args.output_dir, checkpoint, recorded)
     raise UserError(f"{checkpoint} was trained on other data than --data_path now holds, or with other "
-                    "--model_max_length, --template, --system_message, --val_size or mix (content hash "
+                    "--model_max_length, --template, --system_message, --chat_template_kwargs, --val_size or mix "
+                    "(content hash "
                     f"{recorded[:12]} then, {fingerprint[:12]} now); start afresh with --overwrite_output_dir true, "
                     "or continue from its weights on the new data with --resume_on_new_data true")
 
@@ -747,6 +771,10 @@ def setup_sequence_parallelism(training_args, attn_implementation, model_config)
         raise UserError(f"--attn_implementation {attention} cannot be split over ranks; with {flag} use one of "
                         f"{', '.join(SEQUENCE_PARALLEL_ATTENTION)}")
     text_config = model_config.get_text_config()
+    if "linear_attention" in (getattr(text_config, "layer_types", None) or []):
+        raise UserError(f"{flag}: this model's linear-attention (Gated DeltaNet) layers carry a state along the whole "
+                        "sequence, which cannot be split over ranks the way attention heads are; train without "
+                        "sequence parallelism (ZeRO-3 and activation checkpointing still apply)")
     heads, kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
     if heads % n or (kv_heads % n and n % kv_heads):
         raise UserError(f"{flag}: the model has {heads} attention heads and {kv_heads} key/value heads; N must "
@@ -1276,15 +1304,16 @@ def render_chatml(conversation: Conversation, default_system: Optional[str]) -> 
     return "".join(pieces), trained_spans
 
 
-def render_with_chat_template(tokenizer, conversation: Conversation,
-                              default_system: Optional[str]) -> tuple[str, list[Span]]:
-    """The model's own chat template (--template auto): the text equals apply_chat_template's for the sample."""
+def render_with_chat_template(tokenizer, conversation: Conversation, default_system: Optional[str],
+                              template_kwargs: dict) -> tuple[str, list[Span]]:
+    """The model's own chat template (--template auto): the text equals apply_chat_template's for the sample, with
+    --chat_template_kwargs as the template's settings."""
     messages = conversation.messages
     system = conversation.system if conversation.system is not None else default_system
     if system is not None:
         messages = [{"role": "system", "content": system}] + messages
     try:
-        text = tokenizer.apply_chat_template(messages, tools=conversation.tools, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, tools=conversation.tools, tokenize=False, **template_kwargs)
     except Exception as e:  # the template is the model's own code; whatever it raises concerns this sample
         raise DataError(f"{conversation.where}: the chat template cannot render it: {type(e).__name__}: {e}") from None
     return text, assistant_spans(text, conversation)
@@ -1313,21 +1342,26 @@ def assistant_spans(text: str, conversation: Conversation) -> list[Span]:
     return [span for span, message in zip(spans, assistants) if is_trained(message)]
 
 
-def resolve_template(tokenizer, template):
+def resolve_template(tokenizer, template, template_kwargs=None):
     """'auto' when the tokenizer has a ChatML-style chat template (every Qwen since 1.5), else 'chatml'.
 
     Raises UserError for a template that fails on, or does not write ChatML for, a plain exchange."""
-    if template == "chatml":
-        return "chatml"
-    if not tokenizer.chat_template:
-        log.info("the tokenizer has no chat template: rendering plain ChatML (as --template chatml)")
+    template_kwargs = template_kwargs or {}
+    if template == "chatml" or not tokenizer.chat_template:
+        if template_kwargs:
+            raise UserError("--chat_template_kwargs are settings of the model's own chat template, which "
+                            f"{'--template chatml does not use' if template == 'chatml' else 'this tokenizer lacks'}")
+        if template != "chatml":
+            log.info("the tokenizer has no chat template: rendering plain ChatML (as --template chatml)")
         return "chatml"
     try:
         probe = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], tokenize=False)
+            [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], tokenize=False,
+            **template_kwargs)
     except Exception as e:
-        raise UserError(f"the tokenizer's chat template fails on a plain user/assistant exchange "
-                        f"({type(e).__name__}: {e}); use --template chatml") from None
+        settings = " with these --chat_template_kwargs" if template_kwargs else ""
+        raise UserError(f"the tokenizer's chat template fails on a plain user/assistant exchange{settings} "
+                        f"({type(e).__name__}: {first_line(e)}); use --template chatml") from None
     if ASSISTANT_HEADER not in probe or TURN_END not in probe:
         raise UserError("the tokenizer's chat template does not write ChatML turns (<|im_start|>assistant ... "
                         "<|im_end|>), so the trained tokens cannot be found in it; use --template chatml")
@@ -1347,20 +1381,21 @@ class TemplateTraits:
 PROBE_ARGUMENTS = '{"probe_key": "probe_value"}'
 
 
-def probe_template(tokenizer):
+def probe_template(tokenizer, template_kwargs=None):
     """Render a tiny conversation a few ways to learn what the template does with tools, tool calls and reasoning,
     so that nothing a sample holds is dropped or mangled without a word. A probe the template raises on counts as
     not written.
 
     Workaround (transformers 5): a chat template is Jinja code that declares nothing about what it renders; this
     can go if templates come to declare it."""
+    template_kwargs = template_kwargs or {}
     tool = {"type": "function", "function": {"name": "probe_tool", "description": "probe_description",
                                              "parameters": {"type": "object", "properties": {}}}}
 
     def render(assistant, tools=None):
         try:
             return tokenizer.apply_chat_template([{"role": "user", "content": "q"}, assistant], tools=tools,
-                                                 tokenize=False)
+                                                 tokenize=False, **template_kwargs)
         except Exception:
             return ""
 
@@ -1397,7 +1432,7 @@ def labels_from_offsets(input_ids: list[int], offsets: list[Span],
 class ChatEncoder:
     """Turns Conversations into {input_ids, labels}: render once, tokenize the whole text at once, cut, label."""
 
-    def __init__(self, tokenizer, model_max_length, system_message=None, template="auto"):
+    def __init__(self, tokenizer, model_max_length, system_message=None, template="auto", template_kwargs=None):
         if not tokenizer.is_fast:
             raise UserError(
                 f"the tokenizer of this model ({type(tokenizer).__name__}) is not a fast tokenizer; exact labels "
@@ -1405,8 +1440,9 @@ class ChatEncoder:
             )
         self.tokenizer = tokenizer
         self.model_max_length = model_max_length
-        self.requested_template, self.template = template, resolve_template(tokenizer, template)
-        self.traits = probe_template(tokenizer) if self.template == "auto" else None
+        self.template_kwargs = template_kwargs or {}
+        self.requested_template, self.template = template, resolve_template(tokenizer, template, self.template_kwargs)
+        self.traits = probe_template(tokenizer, self.template_kwargs) if self.template == "auto" else None
         self.warned = set()
         log.info("rendering conversations with " + (
             "the model's own chat template (--template auto)" if self.template == "auto" else "plain ChatML"))
@@ -1466,7 +1502,7 @@ class ChatEncoder:
         """(text, character spans to train)."""
         if self.template == "chatml":
             return render_chatml(conversation, self.system_message)
-        return render_with_chat_template(self.tokenizer, conversation, self.system_message)
+        return render_with_chat_template(self.tokenizer, conversation, self.system_message, self.template_kwargs)
 
     def encode(self, conversations: list[Conversation]) -> list[Optional[dict[str, np.ndarray]]]:
         """Encode a batch into int32 arrays (4 bytes a token, not a Python int's 36); an entry is None when the
@@ -1573,6 +1609,7 @@ def tokenized_cache_entry(path, encoder):
         "tokenizer": encoder.tokenizer_fingerprint,
         "special_tokens": encoder.forbidden_tokens, "chat_template": encoder.tokenizer.chat_template,
         "template": encoder.template, "system_message": encoder.system_message,
+        "template_kwargs": encoder.template_kwargs,
         "model_max_length": encoder.model_max_length,
     }
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:32]
@@ -1942,7 +1979,9 @@ def make_collator(tokenizer, packing, sequence_parallel_size=1):
     if packing:
         # One row per batch, position ids restarting at 0 per sample, no attention mask: the attention
         # implementations then keep samples apart (tests check it); IGNORE_INDEX labels the first token of each.
-        return transformers.DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        # The sample boundaries (cu_seq_lens_*) too: flash attention and the linear-attention layers take them.
+        return transformers.DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
+                                                       return_flash_attn_kwargs=True)
     return PadToLongestCollator(tokenizer.pad_token_id)
 
 
@@ -2086,24 +2125,115 @@ def load_model(model_args, training_args, lora_args):
         )
         # A quantized model cannot be moved after loading: put it on this process's device right away.
         load_kwargs["device_map"] = {"": training_args.device}
+    config = load_kwargs.get("config") or transformers.AutoConfig.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **load_kwargs)
+        model = model_class(config).from_pretrained(model_args.model_name_or_path, **load_kwargs)
     except (OSError, ValueError, KeyError) as e:  # files the start-up check could not see (a hub download)
         raise UserError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load the model "
                         f"({first_line(e)})") from None
-    model.config.use_cache = False  # the cache only costs memory in training
+    set_use_cache(model, False)  # the cache only costs memory in training, and it would undo packing's isolation
+    if training_args.packing:
+        keep_packed_samples_apart(model)
 
     if lora_args.use_lora:
         model = add_lora(model, training_args, lora_args)
+    else:
+        freeze_all_but_the_language_model(model)
     log_trainable_parameters(model)
     return model
 
 
+# Model types on which the tests prove packed rows exact (each sample's logits as if run alone), attention kinds that
+# keep packed samples apart by their position ids (flex attention was seen to give wrong values).
+PACKING_MODEL_TYPES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_text",
+                       "qwen3_5_moe", "qwen3_5_moe_text")
+PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+def check_packing(model_config, attn_implementation, packing):
+    """--packing only where it is exact: refused, before the model loads, for model types the tests do not cover."""
+    if not packing:
+        return
+    model_type = model_config.model_type
+    if model_type not in PACKING_MODEL_TYPES:
+        raise UserError(f"--packing has not been verified on model type '{model_type}' (packed samples could see each "
+                        f"other); it is on {', '.join(PACKING_MODEL_TYPES)}. Train without --packing")
+    attention = attn_implementation or "sdpa"
+    if attention not in PACKING_ATTENTION:
+        raise UserError(f"--packing with --attn_implementation {attention}: packed samples would see each other; use "
+                        f"one of {', '.join(PACKING_ATTENTION)}")
+
+
+def keep_packed_samples_apart(model):
+    """Packing on a hybrid model (Qwen3.5/3.6/3.8, Qwen3-Next): attention layers keep packed samples apart by their
+    position ids, but a linear-attention (Gated DeltaNet) layer carries a recurrent state and a causal convolution
+    along the row, from one sample into the next. Each such layer instead runs on the row's samples as a batch of
+    their own (cut at the collator's cu_seq_lens, padded at the end, which no earlier position sees): exact with
+    the PyTorch fallback and with the flash-linear-attention kernels alike."""
+    for module in list(model.modules()):
+        if isinstance(getattr(module, "linear_attn", None), torch.nn.Module):
+            layer = module.linear_attn
+            layer.forward = functools.partial(forward_each_sample, layer.forward)
+
+
+def forward_each_sample(forward, hidden_states, **kwargs):
+    """`forward` of a linear-attention layer on each sample of a packed row [1, tokens, hidden] on its own."""
+    boundaries = kwargs.pop("cu_seq_lens_q", None)
+    if boundaries is None:  # not a packed row
+        return forward(hidden_states=hidden_states, **kwargs)
+    for name in ("cu_seq_lens_k", "max_length_q", "max_length_k", "attention_mask"):
+        kwargs.pop(name, None)
+    lengths = boundaries.diff().tolist()
+    samples = torch.nn.utils.rnn.pad_sequence(hidden_states[0].split(lengths), batch_first=True)
+    out = forward(hidden_states=samples, attention_mask=None, **kwargs)  # [samples, longest, hidden]
+    real = torch.arange(samples.shape[1], device=out.device)[None] < torch.tensor(lengths, device=out.device)[:, None]
+    return out[real][None]
+
+
+def model_class(config):
+    """The class the checkpoint declares. Every Qwen3.5/3.6/3.8 checkpoint is a multimodal
+    ...ForConditionalGeneration: loaded as such (AutoModelForCausalLM would give the text-only class), its vision tower
+    is saved with the result, and adapter keys are those the checkpoint's own class (and vLLM) load."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    declared = (getattr(config, "architectures", None) or [None])[0]
+    if declared is not None and declared == MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(config.model_type):
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
+
+def set_use_cache(model, on):
+    """In the language model's config: a multimodal model keeps it in a config of its own, where setting the top
+    one would change nothing (and add a key to the saved config)."""
+    model.config.get_text_config().use_cache = on
+
+
+def language_model_parameters(model):
+    """The parameters text training can reach: the language model (embeddings and decoder layers) and lm_head."""
+    modules = [model.get_decoder(), model.get_output_embeddings()]
+    return {id(p) for module in modules if module is not None for p in module.parameters()}
+
+
+def freeze_all_but_the_language_model(model):
+    """Full fine-tuning of a multimodal checkpoint: text data gives its vision tower no gradient, so it is frozen
+    (DDP would otherwise wait for gradients that never come) and saved exactly as loaded."""
+    trained = language_model_parameters(model)
+    frozen = [p for p in model.parameters() if id(p) not in trained]
+    for p in frozen:
+        p.requires_grad_(False)
+    if frozen:
+        log.info(f"full fine-tuning of the language model; {sum(full_numel(p) for p in frozen):,} parameters outside "
+                 "it (the vision tower) are frozen and saved unchanged")
+
+
 def with_yarn(model_args):
     """The model's config with its rotary positions stretched by YaRN: positions are interpolated by `factor`
-    (the native context times `factor` becomes the model's length) and attention is rescaled to match."""
-    config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path,
-                                                     trust_remote_code=model_args.trust_remote_code)
+    (the native context times `factor` becomes the model's length) and attention is rescaled to match. A
+    multimodal checkpoint keeps them in its language model's config."""
+    whole = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                                    trust_remote_code=model_args.trust_remote_code)
+    config = whole.get_text_config()
     rope = dict(config.rope_parameters or {})
     native = rope.get("original_max_position_embeddings") if rope.get("rope_type") == "yarn" else None
     native = model_args.rope_native_length or native or config.max_position_embeddings
@@ -2113,7 +2243,7 @@ def with_yarn(model_args):
     config.max_position_embeddings = int(native * factor)
     log.info(f"YaRN: positions stretched {factor:g}x, from the model's native {native:,} to "
              f"{config.max_position_embeddings:,} tokens")
-    return config
+    return whole
 
 
 def add_lora(model, training_args, lora_args):
@@ -2130,18 +2260,78 @@ def add_lora(model, training_args, lora_args):
         model.enable_input_require_grads()
     if lora_args.lora_weight_path:
         log.info(f"continuing from the adapter in {lora_args.lora_weight_path}")
-        return peft.PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
-    targets = lora_args.lora_target_modules
-    config = peft.LoraConfig(
-        r=lora_args.lora_r,
-        lora_alpha=lora_args.lora_alpha,
-        lora_dropout=lora_args.lora_dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
-        bias=lora_args.lora_bias,
-        modules_to_save=lora_args.lora_modules_to_save or None,
-        task_type="CAUSAL_LM",
-    )
-    return peft.get_peft_model(model, config)
+        model = peft.PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
+    else:
+        targets = lora_targets(model, lora_args)
+        config = peft.LoraConfig(
+            r=lora_args.lora_r,
+            lora_alpha=lora_args.lora_alpha,
+            # peft applies no dropout to adapters of parameters (the experts): set per adapter below
+            lora_dropout=0.0 if targets["target_parameters"] else lora_args.lora_dropout,
+            bias=lora_args.lora_bias,
+            modules_to_save=lora_args.lora_modules_to_save or None,
+            task_type="CAUSAL_LM",
+            **targets,
+        )
+        with warnings.catch_warnings():
+            # Workaround (peft 0.21): on models whose checkpoints fuse their experts when loading (Qwen3-Next), peft
+            # guesses that a shared expert's gate_proj/up_proj meant the fused experts and warns that its guess
+            # matched nothing; the adapters are as asked. It can go when peft guesses only for expert names.
+            warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match")
+            model = peft.get_peft_model(model, config)
+    apply_lora_dropout(model, lora_args.lora_dropout)
+    return model
+
+
+# Linear layers that LoRA leaves alone unless named: gates with a few outputs each, where an adapter of rank r is no
+# smaller than the layer itself (Gated DeltaNet's per-head in_proj_a and in_proj_b, fused as in_proj_ba in
+# Qwen3-Next; the shared expert's one-output gate), and the MoE router ("gate").
+LORA_LEFT_OUT = ("in_proj_a", "in_proj_b", "in_proj_ba", "shared_expert_gate", "gate")
+EXPERTS = "experts"  # in --lora_target_modules: the fused expert weights of a MoE model
+
+
+def lora_targets(model, lora_args):
+    """peft's targets for --lora_target_modules, within the decoder layers of the language model (never the vision
+    tower, never lm_head). 'all-linear': every linear projection there but LORA_LEFT_OUT, plus, on a MoE model, the
+    experts' fused 3-D weights (through peft's target_parameters). Named modules must each match a projection of
+    the decoder layers."""
+    decoder = model.get_decoder()
+    in_layers = [(name, module) for name, module in decoder.named_modules() if name.startswith("layers.")]
+    linear = {name.rsplit(".", 1)[-1] for name, module in in_layers if isinstance(module, torch.nn.Linear)}
+    experts = sorted({".".join(name.split(".")[-2:]) for name, p in decoder.named_parameters()
+                      if name.startswith("layers.") and name.split(".")[-2] == EXPERTS
+                      and len(getattr(p, "ds_shape", p.shape)) == 3})  # [experts, out, in] each
+    requested = lora_args.lora_target_modules
+    if requested == ["all-linear"]:
+        modules, parameters = sorted(linear - set(LORA_LEFT_OUT)), experts
+    else:
+        unknown = [name for name in requested if name not in linear and not (name == EXPERTS and experts)]
+        if unknown:
+            raise UserError(f"--lora_target_modules {','.join(unknown)}: matched nothing in the decoder layers of this "
+                            f"model (its projections: {', '.join(sorted(linear))}"
+                            f"{f'; {EXPERTS} for its fused expert weights' if experts else ''})")
+        modules, parameters = [name for name in requested if name != EXPERTS], experts if EXPERTS in requested else []
+    in_decoder = {id(module) for _, module in in_layers}
+    # Same-named projections elsewhere (a vision tower's) stay as they are.
+    elsewhere = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+                 and id(module) not in in_decoder and name.rsplit(".", 1)[-1] in modules]
+    return {"target_modules": modules, "target_parameters": parameters or None, "exclude_modules": elsewhere or None}
+
+
+def apply_lora_dropout(model, p):
+    """peft refuses dropout on adapters of parameters (the MoE experts), so a model with any is given its adapters
+    without dropout: put --lora_dropout back on the adapters of modules (attention, MLP), and say so once."""
+    import peft
+
+    layers = [module for module in model.modules() if isinstance(module, peft.tuners.lora.LoraLayer)]
+    if not p or not any(isinstance(module, peft.tuners.lora.ParamWrapper) for module in layers):
+        return
+    for module in layers:
+        if not isinstance(module, peft.tuners.lora.ParamWrapper):
+            for name in module.lora_dropout:
+                module.lora_dropout[name] = torch.nn.Dropout(p)
+    log.info(f"--lora_dropout {p}: applied to the adapters of attention and MLP projections; the expert adapters "
+             "train without dropout (peft cannot apply it to adapters of parameters)")
 
 
 def log_trainable_parameters(model):
@@ -2154,14 +2344,33 @@ def log_trainable_parameters(model):
 # 6. Training: the Hugging Face Trainer, with a loss that skips masked positions, throughput logs, one save
 # ----------------------------------------------------------------------------------------------------------
 
-class ChunkedCausalLMLoss:
+class CausalLMLoss:
+    """The Trainer's `compute_loss_func`: next-token cross-entropy summed over the trained positions of a micro-batch
+    and divided by the trained tokens of the whole accumulated step (num_items_in_batch), so that a step's loss is
+    the mean over its trained tokens however they fall into micro-batches. (A model's own loss is that only when
+    it takes num_items_in_batch; Qwen3.5's multimodal class does not, and averages per micro-batch.)"""
+
+    def __call__(self, outputs, labels, num_items_in_batch=None):
+        next_tokens = labels[:, 1:]  # position i predicts token i + 1
+        if num_items_in_batch is None:
+            num_items_in_batch = max(int((next_tokens != IGNORE_INDEX).sum()), 1)
+        return self.summed_loss(outputs, next_tokens) / num_items_in_batch
+
+    def summed_loss(self, outputs, next_tokens):
+        """--chunked_loss false: from the logits of every position. next_tokens[b, i]: the token that position i of
+        row b predicts, or IGNORE_INDEX."""
+        logits = outputs.logits[:, :next_tokens.shape[1]]
+        return F.cross_entropy(logits.float().flatten(0, 1), next_tokens.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+
+
+class ChunkedCausalLMLoss(CausalLMLoss):
     """Next-token cross-entropy over trained positions only, projected through lm_head a chunk at a time.
 
     The standard loss builds logits for every position: tokens x ~151k vocabulary floats (about 5 GB in fp32 for
     8k tokens) although most positions are masked. This loss takes the decoder's final hidden states, keeps the
     positions whose next token is trained, and scores them `chunk_size` at a time (ChunkedCrossEntropy), so its
-    memory grows with the chunk, not with the batch. It is the Trainer's `compute_loss_func`, so the Trainer
-    still weights it by the trained tokens of a whole accumulated step."""
+    memory grows with the chunk, not with the batch."""
 
     def __init__(self, model, chunk_size):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft
@@ -2173,15 +2382,8 @@ class ChunkedCausalLMLoss:
     def _keep_hidden_states(self, module, inputs, output):
         self.hidden_states = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
-    def __call__(self, outputs, labels, num_items_in_batch=None):
-        next_tokens = labels[:, 1:]  # position i predicts token i + 1
-        if num_items_in_batch is None:
-            num_items_in_batch = max(int((next_tokens != IGNORE_INDEX).sum()), 1)
-        return self.summed_loss(next_tokens) / num_items_in_batch
-
-    def summed_loss(self, next_tokens):
-        """The cross-entropy summed over the positions whose next token is trained, from the hidden states of the
-        forward just run. next_tokens[b, i]: the token that position i of row b predicts, or IGNORE_INDEX."""
+    def summed_loss(self, outputs, next_tokens):
+        """From the hidden states of the forward just run (the model was asked for no logits)."""
         hidden_states, self.hidden_states = self.hidden_states, None  # [batch, positions, hidden]
         trained = next_tokens != IGNORE_INDEX
         hidden_states = hidden_states[:, :next_tokens.shape[1]][trained]  # [trained positions, hidden]
@@ -2376,6 +2578,13 @@ class FinetuneTrainer(transformers.Trainer):
         if hasattr(model, "peft_config") and args.ddp_find_unused_parameters is None:
             args.ddp_find_unused_parameters = False  # DDP: the frozen base has no gradients, by design
         super().__init__(model=model, args=args, **kwargs)
+        config = model.config
+        if config is not config.get_text_config() and "use_cache" in vars(config):
+            # Workaround (transformers 5.24): the Trainer sets use_cache on the top config, which for a multimodal
+            # checkpoint is not its language model's (set_use_cache did that) and would reach the saved config as a
+            # key the checkpoint never had. It can go when the Trainer sets the text config's.
+            delattr(config, "use_cache")
+        self.compute_loss_func = CausalLMLoss()
         if self.args.chunked_loss and self.args.n_gpu > 1:
             # One process driving several GPUs (DataParallel): each replica would overwrite the hidden states.
             log.warning("several GPUs in one process: the chunked loss is off; launch with torchrun or the "
@@ -2399,7 +2608,7 @@ class FinetuneTrainer(transformers.Trainer):
             self._tokens += mask.sum() if mask is not None else inputs["input_ids"].numel()
             labels = inputs["labels"] if "labels" in inputs else inputs["shift_labels"]  # the latter: a slice's
             self._trained_tokens += (labels != IGNORE_INDEX).sum()
-        if self.compute_loss_func is not None:
+        if isinstance(self.compute_loss_func, ChunkedCausalLMLoss):
             # The chunked loss projects the trained positions itself: the model keeps no logits at all.
             no_positions = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
             inputs = {**inputs, "logits_to_keep": no_positions}
@@ -2424,11 +2633,7 @@ class FinetuneTrainer(transformers.Trainer):
         inputs = dict(inputs)
         next_tokens = inputs.pop("shift_labels")
         outputs = model(**inputs)  # without logits for the chunked loss (compute_loss asked for none)
-        if self.compute_loss_func is not None:
-            total = self.compute_loss_func.summed_loss(next_tokens)
-        else:  # --chunked_loss false: logits for every position of the slice
-            total = F.cross_entropy(outputs.logits.float().flatten(0, 1), next_tokens.flatten(),
-                                    ignore_index=IGNORE_INDEX, reduction="sum")
+        total = self.compute_loss_func.summed_loss(outputs, next_tokens)
         loss = total * self.sequence_parallel_weight / num_items_in_batch
         return (loss, outputs) if return_outputs else loss
 
@@ -2491,7 +2696,7 @@ class FinetuneTrainer(transformers.Trainer):
         stage3_gather_16bit_weights_on_model_save."""
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
-        model.config.use_cache = True  # training turned it off; whoever loads the result wants it back
+        set_use_cache(model, True)  # training turned it off; whoever loads the result wants it back
         if hasattr(model, "peft_config") and uses_zero3():  # ZeRO-3: the adapter is spread over the ranks
             state_dict = gather_trainable_state_dict(model, keep=self.args.should_save)  # every rank takes part
             if self.args.should_save:
@@ -2501,15 +2706,16 @@ class FinetuneTrainer(transformers.Trainer):
             super().save_model(output_dir, _internal_call=_internal_call)
         if hasattr(model, "peft_config") and self.args.should_save:
             save_base_config_changes(model.get_base_model().config, output_dir)
-        model.config.use_cache = False
+        set_use_cache(model, False)
 
 
 BASE_CONFIG_CHANGES = "base_config_changes.json"
 
 
 def save_base_config_changes(config, output_dir):
-    """An adapter folder holds no model config: what --rope_scaling changed in the base's is written beside it,
-    for merge_adapter.py (and whoever loads the base for the adapter) to apply."""
+    """An adapter folder holds no model config: what --rope_scaling changed in the base's (its language model's, for
+    a multimodal checkpoint) is written beside it, for merge_adapter.py and examples/chat.py to apply."""
+    config = config.get_text_config()
     if (config.rope_parameters or {}).get("rope_type") != "yarn":
         return
     changes = {"rope_parameters": config.rope_parameters, "max_position_embeddings": config.max_position_embeddings}
@@ -2535,8 +2741,9 @@ def train(argv=None):
     if not data_args.preprocess_only:
         model_config = check_model_files(model_args)
         setup_sequence_parallelism(training_args, model_args.attn_implementation, model_config)
+        check_packing(model_config, model_args.attn_implementation, training_args.packing)
     encoder = ChatEncoder(tokenizer, training_args.model_max_length, data_args.system_message,
-                          data_args.template)
+                          data_args.template, data_args.chat_template_kwargs)
     if data_args.preprocess_only:
         preview(make_dataset(data_args.data_path, encoder, data_args, training_args.seed, lazy=False), tokenizer,
                 training_args.output_dir)

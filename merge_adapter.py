@@ -3,8 +3,9 @@
     python merge_adapter.py --adapter output_lora --output merged [--base MODEL] [--dtype bf16|fp16|fp32]
 
 The base model is loaded in 16 or 32 bits (a QLoRA adapter too: it merges into the full-precision base, not into
-4-bit weights), the adapter is folded into its weights, and the output folder gets the model in safetensors with
-the tokenizer and chat template saved beside the adapter. By default the base is the one the adapter names.
+4-bit weights) as the class its checkpoint declares (a multimodal Qwen3.5/3.6/3.8 with its vision tower), the adapter
+is folded into its weights, and the output folder gets the model in safetensors with the tokenizer and chat template
+saved beside the adapter. By default the base is the one the adapter names.
 """
 import argparse
 import json
@@ -13,6 +14,8 @@ import sys
 
 import torch
 import transformers
+
+from finetune import model_class
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -26,7 +29,6 @@ def merge(adapter_dir, output_dir, base=None, dtype="bf16", trust_remote_code=Fa
 
     model, base = load_base_of(adapter_dir, base, DTYPES[dtype], trust_remote_code)
     merged = peft.PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    merged.config.use_cache = True
     merged.save_pretrained(output_dir)
     tokenizer_source = adapter_dir if os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json")) else base
     transformers.AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code).save_pretrained(
@@ -50,10 +52,10 @@ def load_base_of(adapter_dir, base=None, dtype=torch.float32, trust_remote_code=
     if os.path.isfile(changes_path):
         with open(changes_path) as f:
             for key, value in json.load(f).items():
-                setattr(config, key, value)
+                setattr(config.get_text_config(), key, value)  # a multimodal model's language model's settings
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(base, config=config, dtype=dtype,
-                                                                  trust_remote_code=trust_remote_code)
+        model = model_class(config).from_pretrained(base, config=config, dtype=dtype,
+                                                    trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise MergeError(f"base model {base}: cannot load it ({str(e).strip().splitlines()[0]})") from None
     return model, base

@@ -1,6 +1,6 @@
 """Throughput of the ways to batch and score SFT data, side by side in one run, on the CPU.
 
-    python benchmarks/throughput.py [--samples 12] [--modes abcdef] [--workdir /tmp/qwen-finetune-bench]
+    python benchmarks/throughput.py [--samples 12] [--modes abcdefgh] [--workdir /tmp/qwen-finetune-bench]
 
 One random-weight Qwen2 model (hidden 256, 4 layers, the real 151,680-entry vocabulary: ~42M parameters) and one
 synthetic data set (token lengths log-normal, median ~300, capped at 2048; 40% prompt, 60% answer) are built once;
@@ -10,6 +10,9 @@ gives real (non-pad) tokens/s, trained tokens/s, peak resident memory and the ra
   (b) pad each batch to its longest sample          (c) (b) + --group_by_length
   (d) --packing (standard loss)                      (e) --packing + the chunked loss (our default loss)
   (f) TRL's SFTTrainer with packing (padding-free), if trl is installed (pip install -r benchmarks/requirements.txt)
+And on a Qwen3.5-style hybrid of the same width (three Gated DeltaNet linear-attention layers to one attention
+layer, a multimodal checkpoint with a small vision tower), both with the chunked loss:
+  (g) pad each batch to its longest sample          (h) --packing, each sample kept apart in the linear layers
 Then the loss alone at 8 x 1024 tokens: peak memory of the standard loss and of the chunked loss, forward+backward.
 
 MFU (model FLOPs utilisation): the model's own training FLOPs per second over the peak of a large fp32 matmul
@@ -17,6 +20,8 @@ measured on the same machine in the same run. The model's FLOPs, per epoch: 6 x 
 real token, plus causal attention (6 x layers x heads x head_dim x length^2 per sample: QK^T and AV, forward and
 backward, half the square), plus lm_head (6 x hidden x vocabulary) for every trained position, the positions a
 fine-tuning loss has to score. Pads, untrained positions' logits and recomputation count as overhead, not work.
+For the hybrid, only its language model's parameters count, and attention only in its attention layers (a linear
+layer's work per token is in its parameters' count, near enough).
 """
 import argparse
 import json
@@ -41,7 +46,10 @@ MODES = {
     "d": "packing",
     "e": "packing + chunked loss",
     "f": "TRL SFTTrainer, packing",
+    "g": "hybrid: dynamic padding",
+    "h": "hybrid: packing, samples kept apart",
 }
+HYBRID_MODES = "gh"
 WORDS = ("the of and a to in is you that it he was for on are as with his they at be this from have or by one had "
          "not but what all were when we there can an your which their said if do will each about how up out them "
          "then she many some so these would other into has more her two like him see time could no make than first "
@@ -62,14 +70,22 @@ def build(workdir, samples, seed=0):
     import torch
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
-    config = transformers.Qwen2Config(
-        vocab_size=151680, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True,
-        eos_token_id=151645, pad_token_id=151643, bos_token_id=151643)
+    shape = dict(vocab_size=151680, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                 eos_token_id=151645, pad_token_id=151643, bos_token_id=151643)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(tie_word_embeddings=True, **shape),
+                                                          dtype=torch.float32)
     model.save_pretrained(os.path.join(workdir, "model"))
     tokenizer.save_pretrained(os.path.join(workdir, "model"))
+    hybrid = transformers.Qwen3_5Config(
+        text_config=dict(**shape, layer_types=["linear_attention"] * 3 + ["full_attention"], linear_key_head_dim=64,
+                         linear_value_head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=256))
+    torch.manual_seed(seed)
+    transformers.AutoModelForImageTextToText.from_config(hybrid, dtype=torch.float32).save_pretrained(
+        os.path.join(workdir, "hybrid"))
+    tokenizer.save_pretrained(os.path.join(workdir, "hybrid"))
 
     rng = random.Random(seed)
     with open(os.path.join(workdir, "data.jsonl"), "w") as f:
@@ -105,14 +121,15 @@ def run_mode(mode, workdir):
     import torch
 
     torch.manual_seed(0)
-    model_dir, data = os.path.join(workdir, "model"), os.path.join(workdir, "data.jsonl")
+    model_dir = os.path.join(workdir, "hybrid" if mode in HYBRID_MODES else "model")
+    data = os.path.join(workdir, "data.jsonl")
     if mode == "f":
         return run_trl(model_dir, data, workdir)
     argv = ["--model_name_or_path", model_dir, "--data_path", data, "--output_dir", os.path.join(workdir, mode),
             "--model_max_length", str(MAX_LENGTH), "--per_device_train_batch_size", str(BATCH),
             "--num_train_epochs", "1", "--learning_rate", "1e-4", "--save_strategy", "no", "--logging_steps", "1000",
             "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true",
-            "--chunked_loss", str(mode == "e").lower(), "--packing", str(mode in "de").lower(),
+            "--chunked_loss", str(mode in "egh").lower(), "--packing", str(mode in "deh").lower(),
             "--group_by_length", str(mode == "c").lower()]
     model_args, data_args, training_args, lora_args = finetune.parse_arguments(argv)
     tokenizer = finetune.load_tokenizer(model_args, training_args)
@@ -206,16 +223,30 @@ def timed(function):
     return time.perf_counter() - start
 
 
-def model_flops(config, params, result):
-    """The model's training FLOPs for one epoch of `result`'s data (see the docstring)."""
+def model_flops(config, params, result, embeddings=1):
+    """The model's training FLOPs for one epoch of `result`'s data (see the docstring); `params` counts the
+    language model's parameters, `embeddings` its embedding matrices (1 when lm_head is tied to them, else 2)."""
     heads, head_dim = config["num_attention_heads"], config.get("head_dim") or config["hidden_size"] // config[
         "num_attention_heads"]
     embedding = config["vocab_size"] * config["hidden_size"]
-    dense = 6 * (params - embedding) * result["real_tokens"]
+    dense = 6 * (params - embeddings * embedding) * result["real_tokens"]
     # Causal: L^2 / 2 query-key pairs, 2 FLOPs per pair and dimension in QK^T and again in AV, x3 with backward.
-    attention = 6 * config["num_hidden_layers"] * heads * head_dim * result["squared_lengths"]
+    layers = (config.get("layer_types") or ["full_attention"] * config["num_hidden_layers"]).count("full_attention")
+    attention = 6 * layers * heads * head_dim * result["squared_lengths"]
     lm_head = 6 * embedding * result["trained_tokens"]
     return dense + attention + lm_head
+
+
+def language_model_size(model_dir):
+    """(its decoder config, parameters of its language model and lm_head, embedding matrices among them)."""
+    import transformers
+
+    import torch
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForImageTextToText.from_config(transformers.AutoConfig.from_pretrained(model_dir))
+    params = sum(p.numel() for p in model.get_decoder().parameters()) + model.get_output_embeddings().weight.numel()
+    return model.config.get_text_config().to_dict(), params, 2
 
 
 def child(args):
@@ -247,7 +278,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=12)
     parser.add_argument("--workdir", default="/tmp/qwen-finetune-bench")
-    parser.add_argument("--modes", default="abcdef")
+    parser.add_argument("--modes", default="abcdefgh")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -263,19 +294,23 @@ def main():
         config = json.load(f)
     if "error" not in peak:
         print(f"peak of an fp32 2048 x 2048 matmul on this machine: {peak['flops_per_second'] / 1e9:.1f} GFLOP/s\n")
-    rows = []
-    print(f"{'mode':<40} {'real tok/s':>10} {'trained tok/s':>13} {'peak RSS MB':>11} {'x (a)':>7} {'MFU':>6}")
+    hybrid = language_model_size(os.path.join(args.workdir, "hybrid"))
+    first = {}  # the first row of each model's table: what its ratios are against
+    print(f"{'mode':<40} {'real tok/s':>10} {'trained tok/s':>13} {'peak RSS MB':>11} {'x first':>7} {'MFU':>6}")
     for mode in args.modes:
+        if mode == HYBRID_MODES[0] or (mode in HYBRID_MODES and "hybrid" not in first):
+            print(f"\nthe Qwen3.5-style hybrid of the same width: {hybrid[1] / 1e6:.1f}M language-model parameters "
+                  "(lm_head untied), 3 linear-attention layers to 1 attention layer")
         result = run_child(mode, args.workdir)
         if "error" in result:
             print(f"({mode}) {MODES[mode]:<36} failed: {result['error'][:120]}")
             continue
         real = result["real_tokens"] / result["seconds"]
         trained = (result["trained_tokens"] or 0) / result["seconds"]
-        base = rows[0][1] if rows else real
-        rows.append((mode, real))
-        mfu = (f"{model_flops(config, params, result) / result['seconds'] / peak['flops_per_second']:>6.1%}"
-               if "error" not in peak else f"{'-':>6}")
+        base = first.setdefault("hybrid" if mode in HYBRID_MODES else "dense", real)
+        model_config, model_params, embeddings = hybrid if mode in HYBRID_MODES else (config, params, 1)
+        flops = model_flops(model_config, model_params, result, embeddings)
+        mfu = f"{flops / result['seconds'] / peak['flops_per_second']:>6.1%}" if "error" not in peak else f"{'-':>6}"
         print(f"({mode}) {MODES[mode]:<36} {real:>10.1f} {trained:>13.1f} {result['peak_rss_mb']:>11.0f} "
               f"{real / base:>7.2f} {mfu}")
 

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from finetune import model_class  # noqa: E402
 from merge_adapter import load_base_of  # noqa: E402
 
 # Workarounds, for output a user can act on: bitsandbytes 0.50, imported with transformers' model classes and by
@@ -29,7 +30,8 @@ def load(model=None, base=None, adapter=None):
         tokenizer = transformers.AutoTokenizer.from_pretrained(adapter)  # finetune.py saves it with the adapter
         loaded, _ = load_base_of(adapter, base, dtype="auto")  # with --rope_scaling's YaRN, if the run used it
         return peft.PeftModel.from_pretrained(loaded, adapter), tokenizer
-    return transformers.AutoModelForCausalLM.from_pretrained(model, dtype="auto"), transformers.AutoTokenizer.from_pretrained(model)
+    config = transformers.AutoConfig.from_pretrained(model)
+    return (model_class(config).from_pretrained(model, dtype="auto"), transformers.AutoTokenizer.from_pretrained(model))
 
 
 def reply(model, tokenizer, message, system="You are a helpful assistant.", max_new_tokens=48, thinking=True):

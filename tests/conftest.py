@@ -15,6 +15,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import finetune  # noqa: E402
+from reference_labels import official_template  # noqa: E402
 from tiny_qwen import build_tiny_qwen, qwen_tokenizer_dir  # noqa: E402
 
 # Runs cache their tokenized data under XDG_CACHE_HOME: a folder of this test session's, not the user's. DeepSpeed's
@@ -34,17 +35,48 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2(tmp_path_factory):
-    return build_tiny_qwen(str(tmp_path_factory.mktemp("tiny_qwen2")), "qwen2")
+def tiny_models(tmp_path_factory):
+    """tiny_models(arch) -> the folder of a tiny random model of that family (examples/tiny_qwen.py), built once per
+    session. qwen3_5 and qwen3_5_moe come with the official Qwen3.6 chat template; 'qwen3_5_text' and
+    'qwen3_5_moe_text' are the language model of such a checkpoint saved on its own."""
+    built = {}
+
+    def get(arch):
+        if arch not in built:
+            folder = str(tmp_path_factory.mktemp(f"tiny_{arch}"))
+            if arch.endswith("_text"):
+                whole = get(arch.removesuffix("_text"))
+                transformers.AutoModelForCausalLM.from_pretrained(whole).save_pretrained(folder)  # text-only class
+                transformers.AutoTokenizer.from_pretrained(whole).save_pretrained(folder)
+                built[arch] = folder
+            else:
+                built[arch] = build_tiny_qwen(folder, arch)
+            if arch in ("qwen3_5", "qwen3_5_moe"):  # with the chat template the released checkpoints ship
+                tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+                tokenizer.chat_template = official_template("qwen3_6")
+                tokenizer.save_pretrained(folder)
+        return built[arch]
+    return get
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen3(tmp_path_factory):
-    return build_tiny_qwen(str(tmp_path_factory.mktemp("tiny_qwen3")), "qwen3")
+def tiny_qwen2(tiny_models):
+    return tiny_models("qwen2")
 
 
-def make_encoder(tokenizer, model_max_length=8192, system_message="You are a helpful assistant.", template="chatml"):
-    return finetune.ChatEncoder(tokenizer, model_max_length, system_message, template)
+@pytest.fixture(scope="session")
+def tiny_qwen3(tiny_models):
+    return tiny_models("qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_5(tiny_models):
+    return tiny_models("qwen3_5")
+
+
+def make_encoder(tokenizer, model_max_length=8192, system_message="You are a helpful assistant.", template="chatml",
+                 template_kwargs=None):
+    return finetune.ChatEncoder(tokenizer, model_max_length, system_message, template, template_kwargs)
 
 
 def write_jsonl(path, samples):

@@ -5,7 +5,9 @@ or the Qwen3 template that ships with the tokenizer) and finds where each token 
 byte-level strings, not from the tokenizer's offset mapping that finetune.py uses.
 """
 import copy
+import importlib.util
 import json
+import os
 
 IGNORE = -100
 
@@ -62,6 +64,15 @@ QWEN25_STYLE_TEMPLATE = """
     {{- '<|im_start|>assistant\n' }}
 {%- endif %}
 """
+
+
+def official_template(name):
+    """An official Qwen chat template (qwen3_5_think, qwen3_5_nothink, qwen3_6, qwen3_8) from the copies TRL ships in
+    its wheel, read without importing TRL."""
+    spec = importlib.util.find_spec("trl")
+    assert spec is not None, "the tests need the package trl (pip install -r requirements.txt): it ships the templates"
+    with open(os.path.join(list(spec.submodule_search_locations)[0], "chat_templates", f"{name}.jinja")) as f:
+        return f.read()
 
 
 def byte_level_alphabet():
@@ -122,9 +133,10 @@ def template_messages(messages, arguments_as_objects=False):
     return messages
 
 
-def template_ids_and_labels(tokenizer, messages, tools=None, chat_template=None):
+def template_ids_and_labels(tokenizer, messages, tools=None, chat_template=None, **template_kwargs):
     """What --template auto must produce: the chat template's own text and tokens, labelled by the rule above."""
-    text = tokenizer.apply_chat_template(messages, tools=tools, chat_template=chat_template, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, tools=tools, chat_template=chat_template, tokenize=False,
+                                         **template_kwargs)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return text, ids, expected_labels(tokenizer, text, ids)
 

@@ -95,7 +95,8 @@ def tokenizer_with(tokenizer, tmp_path, change):
 
 
 @pytest.mark.parametrize("change", ["one byte of one sample", "merge", "vocabulary", "added token", "chat template",
-                                    "template", "system message", "model_max_length", "format version"])
+                                    "template", "system message", "template kwargs", "model_max_length",
+                                    "format version"])
 def test_the_cache_key_covers_everything_that_decides_the_tokens(tokenizer, tmp_path, change, monkeypatch):
     path = write_jsonl(tmp_path / "d.jsonl", SAMPLES[:3])
     base = {"model_max_length": 512, "system_message": "Be brief.", "template": "auto"}
@@ -114,6 +115,8 @@ def test_the_cache_key_covers_everything_that_decides_the_tokens(tokenizer, tmp_
         kwargs["template"] = "chatml"
     elif change == "system message":
         kwargs["system_message"] = "Be brief!"
+    elif change == "template kwargs":
+        kwargs["template_kwargs"] = {"preserve_thinking": True}
     elif change == "model_max_length":
         kwargs["model_max_length"] = 513
     else:

@@ -5,6 +5,7 @@ Marked e2e (each run costs 10-20 s on 2 CPU cores): `pytest -m "not e2e"` skips 
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -112,6 +113,94 @@ def test_full_finetune_of_qwen3_with_packing_writes_a_model_that_reloads_with_tr
     changed = [n for n, p in trained.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
     assert "model.embed_tokens.weight" in changed and any("mlp.down_proj" in n for n in changed)
     assert transformers.AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<|im_end|>") == 151645
+
+
+def safetensors_of(folder):
+    tensors = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(folder, name)))
+    return tensors
+
+
+def config_of(folder):
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    return {key: value for key, value in config.items() if key not in ("transformers_version", "dtype")}
+
+
+def test_full_finetune_of_qwen3_5_with_packing_keeps_the_checkpoints_class_config_and_vision_tower(
+        tiny_qwen3_5, tmp_path):
+    out = str(tmp_path / "full")
+    result = run_finetune(["--model_name_or_path", tiny_qwen3_5, "--data_path", DATA, AGENT_DATA, "--output_dir", out,
+                           "--max_steps", "10", "--learning_rate", "3e-3", "--save_strategy", "no",
+                           "--packing", "true", *SHORT_RUN])
+    assert_success(result)
+    assert "parameters outside it (the vision tower) are frozen" in result.stderr
+    assert_loss_falls(out)
+    # The checkpoint's own class and config (Qwen3_5ForConditionalGeneration, model_type qwen3_5), every tensor under
+    # its own name and shape, the vision tower's unchanged to the bit, the language model's trained.
+    assert config_of(out) == config_of(tiny_qwen3_5)
+    trained, base = safetensors_of(out), safetensors_of(tiny_qwen3_5)
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in base.items()}
+    vision = [key for key in base if key.startswith("model.visual.")]
+    assert len(vision) == 21 and all(torch.equal(trained[key], base[key]) for key in vision)
+    changed = {key for key in base if not torch.equal(trained[key], base[key])}
+    assert {"lm_head.weight", "model.language_model.layers.0.linear_attn.in_proj_qkv.weight",
+            "model.language_model.layers.3.self_attn.q_proj.weight"} <= changed
+    model = transformers.AutoModelForImageTextToText.from_pretrained(out)
+    assert type(model).__name__ == "Qwen3_5ForConditionalGeneration" and model.config.get_text_config().use_cache
+
+
+def test_qwen3_5_lora_adapter_loads_onto_the_checkpoints_class_merges_and_answers(tiny_qwen3_5, tmp_path):
+    import peft
+
+    import merge_adapter
+
+    out = str(tmp_path / "lora")
+    result = run_finetune(["--model_name_or_path", tiny_qwen3_5, "--data_path", AGENT_DATA, "--output_dir", out,
+                           "--use_lora", "true", "--max_steps", "6", "--learning_rate", "1e-2", "--save_strategy",
+                           "no", "--packing", "true", "--rope_scaling", "2",
+                           "--chat_template_kwargs", '{"preserve_thinking": true}', *LORA, *SHORT_RUN])
+    assert_success(result)
+    saved = load_file(os.path.join(out, "adapter_model.safetensors"))
+    # The keys of the checkpoint's own class, which vLLM maps onto its language model: 3 linear-attention layers of 6
+    # adapted projections and 1 attention layer of 7, an A and a B each.
+    assert len(saved) == 2 * (3 * 6 + 7)
+    assert all(key.startswith("base_model.model.model.language_model.layers.") for key in saved)
+    with open(os.path.join(out, "base_config_changes.json")) as f:  # YaRN, in the language model's config
+        changes = json.load(f)
+    assert changes["rope_parameters"]["rope_type"] == "yarn" and changes["max_position_embeddings"] == 8192
+
+    def base_with_yarn(cls=transformers.AutoModelForImageTextToText):
+        config = transformers.AutoConfig.from_pretrained(tiny_qwen3_5)
+        for key, value in changes.items():
+            setattr(config.get_text_config(), key, value)
+        return cls.from_pretrained(tiny_qwen3_5, config=config, dtype=torch.float32)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    adapted = peft.PeftModel.from_pretrained(base_with_yarn(), out)
+    loaded = {name.replace(".default.", "."): p for name, p in adapted.named_parameters() if ".lora_" in name}
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)  # every tensor
+    expected = logits_of(adapted, tokenizer)
+    depth = forward_depth(len(tokenizer(PROMPT)["input_ids"]), layers=4)
+    assert_changed_beyond_rounding(expected, logits_of(base_with_yarn(), tokenizer), depth, "logits")
+    text_only = base_with_yarn(transformers.AutoModelForCausalLM)  # the text-only class, through transformers' loader
+    text_only.load_adapter(out)
+    assert_fp32_close(logits_of(text_only, tokenizer), expected, depth, "logits on AutoModelForCausalLM")
+
+    merged = merge_adapter.merge(out, str(tmp_path / "merged"), dtype="fp32")
+    assert config_of(merged)["architectures"] == ["Qwen3_5ForConditionalGeneration"]
+    assert config_of(merged)["text_config"]["rope_parameters"]["rope_type"] == "yarn"
+    merged_tensors, base = safetensors_of(merged), safetensors_of(tiny_qwen3_5)
+    assert merged_tensors.keys() == base.keys()
+    assert all(torch.equal(merged_tensors[k], base[k]) for k in base if k.startswith("model.visual."))
+    merged_model = transformers.AutoModelForImageTextToText.from_pretrained(merged, dtype=torch.float32)
+    assert_fp32_close(logits_of(merged_model, tokenizer), expected, depth + 4, "merged logits")
+    for flags in (["--base", tiny_qwen3_5, "--adapter", out], ["--model", merged]):
+        answer = run_cli([sys.executable, os.path.join("examples", "chat.py"), *flags, "--max_new_tokens", "4", "Hi"])
+        assert_success(answer)
+        assert "assistant: " in answer.stdout
 
 
 def test_finetune_lora_sh_with_default_data_grouping_and_val_size_writes_an_adapter_that_changes_outputs(tiny_qwen2, tmp_path):

@@ -29,12 +29,49 @@ def load(model_dir, tmp_path, **lora_kwargs):
 @pytest.mark.parametrize("arch", ["tiny_qwen2", "tiny_qwen3"])
 def test_default_lora_targets_every_decoder_projection_and_not_lm_head(arch, request, tmp_path):
     model = load(request.getfixturevalue(arch), tmp_path)
-    targets = model.peft_config["default"].target_modules  # peft resolves 'all-linear' to full module names
-    assert {name.split(".")[-1] for name in targets} == QWEN_PROJECTIONS and len(targets) == 2 * 7
+    assert set(model.peft_config["default"].target_modules) == QWEN_PROJECTIONS
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
     assert len(trainable) == 2 * len(QWEN_PROJECTIONS) * 2  # A and B, 7 projections, 2 layers
     assert model.base_model.model.config.use_cache is False
+
+
+def adapted_modules(model):
+    return {name.split(".lora_")[0].removesuffix(".base_layer") for name, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def test_qwen3_5_lora_adapts_the_language_model_projections_only(tiny_qwen3_5, tmp_path):
+    model = load(tiny_qwen3_5, tmp_path)
+    adapted = adapted_modules(model)
+    # Gated DeltaNet: its input projections for q/k/v and the output gate z, and its output; not the per-head gates.
+    linear_attention = {"linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.out_proj"}
+    attention = {f"self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    mlp = {f"mlp.{name}" for name in ("gate_proj", "up_proj", "down_proj")}
+    prefix = "base_model.model.model.language_model.layers"
+    expected = {f"{prefix}.{i}.{name}" for i in range(3) for name in linear_attention | mlp}
+    expected |= {f"{prefix}.3.{name}" for name in attention | mlp}
+    assert adapted == expected  # nothing in the vision tower, no lm_head, no in_proj_a / in_proj_b
+    assert all(p.requires_grad is False for n, p in model.named_parameters() if ".visual." in n)
+    assert model.config.get_text_config().use_cache is False
+
+
+def test_full_fine_tuning_of_a_multimodal_checkpoint_freezes_its_vision_tower(tiny_qwen3_5, tmp_path):
+    model = finetune.load_model(finetune.ModelArguments(model_name_or_path=tiny_qwen3_5), training_args(tmp_path),
+                                finetune.LoraArguments())
+    assert type(model).__name__ == "Qwen3_5ForConditionalGeneration"
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {name for name, _ in model.named_parameters() if name.startswith("model.visual.")} and frozen
+
+
+def test_named_lora_targets_must_match_a_decoder_projection(tiny_qwen3_5, tmp_path):
+    model = load(tiny_qwen3_5, tmp_path, lora_target_modules=["in_proj_a,q_proj"])  # named: a gate is allowed
+    assert {name.rsplit(".", 1)[-1] for name in adapted_modules(model)} == {"in_proj_a", "q_proj"}
+    with pytest.raises(finetune.UserError, match=r"--lora_target_modules q_porj,experts: matched nothing in the "
+                                                 r"decoder layers of this model \(its projections: down_proj, "):
+        load(tiny_qwen3_5, tmp_path, lora_target_modules=["q_porj", "v_proj", "experts"])
+    with pytest.raises(finetune.UserError, match="--lora_target_modules qkv: matched nothing"):  # the vision tower's
+        load(tiny_qwen3_5, tmp_path, lora_target_modules=["qkv"])
 
 
 def test_comma_separated_target_modules(tiny_qwen2, tmp_path):

@@ -225,7 +225,9 @@ def tiny_config(heads=4, kv_heads=2):
     (dict(sequence_parallel_size=4, world_size=4), "sdpa", tiny_config(heads=4, kv_heads=3),
      "the model has 4 attention heads and 3 key/value heads"),
     (dict(packing=True), "sdpa", tiny_config(), "--packing cannot be combined with --sequence_parallel_size 2"),
-], ids=["no-deepspeed", "world", "eager", "heads", "kv-heads", "packing"])
+    (dict(), "sdpa", transformers.Qwen3_5Config(text_config=dict(num_attention_heads=4, num_key_value_heads=2)),
+     "this model's linear-attention \\(Gated DeltaNet\\) layers carry a state along the whole sequence"),
+], ids=["no-deepspeed", "world", "eager", "heads", "kv-heads", "packing", "linear-attention"])
 def test_what_cannot_be_split_is_refused_in_one_line(overrides, attention, config, message):
     with pytest.raises(UserError, match=message) as error:
         finetune.setup_sequence_parallelism(sp_arguments(**overrides), attention, config)

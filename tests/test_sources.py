@@ -81,6 +81,7 @@ def test_sources_mixed_by_count_and_fraction_are_exact_and_follow_the_seed(token
 
     assert fingerprint(1) == fingerprint(1) != fingerprint(2)
     assert fingerprint(1) != fingerprint(1, template="chatml")
+    assert fingerprint(1) != fingerprint(1, chat_template_kwargs='{"preserve_thinking": true}')
 
 
 def test_a_parquet_table_gives_the_ids_and_labels_of_the_same_samples_as_json_lines(tokenizer, tmp_path):
@@ -149,9 +150,10 @@ def test_a_config_file_with_command_line_overrides_and_unknown_keys(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("data_path: a.jsonl, b.parquet#0.5\noutput_dir: " + str(tmp_path / "out") + "\n"
                       "learning_rate: 2.0e-4\nuse_lora: true\nlora_r: 32\nlora_target_modules: [q_proj, v_proj]\n"
-                      "use_cpu: true\npacking: true\n")
+                      "use_cpu: true\npacking: true\nchat_template_kwargs: {preserve_thinking: true}\n")
     model, data, training, lora = finetune.parse_arguments([str(config), "--lora_r", "8"])
     assert data.data_path == ["a.jsonl", "b.parquet#0.5"]
+    assert data.chat_template_kwargs == {"preserve_thinking": True}  # a mapping, as the template takes it
     assert training.learning_rate == 2e-4 and training.packing and lora.use_lora
     assert lora.lora_r == 8 and lora.lora_target_modules == ["q_proj", "v_proj"]  # the command line wins
     # --config anywhere: the flags before it are defaults it overrides (what the launchers do).
@@ -188,6 +190,7 @@ def test_the_launcher_runs_an_example_config_with_overrides(tiny_qwen2, tmp_path
     assert f"{specs[0]}: 10 read, 10 kept, 0 dropped, 25 taken" in result.stderr
     parser = finetune.transformers.HfArgumentParser((finetune.ModelArguments, finetune.DataArguments,
                                                      finetune.TrainingArguments, finetune.LoraArguments))
-    for example in ("qlora.yaml", "full_zero3_node.yaml"):  # every key of the other examples is a flag
+    for example in ("qlora.yaml", "full_zero3_node.yaml", "qwen3_6_27b_lora.yaml",
+                    "qwen3_6_35b_a3b_lora.yaml"):  # every key of the other examples is a flag
         arguments = finetune.expand_config_files([os.path.join(ROOT, "examples", example)], parser)
-        assert arguments[arguments.index("--data_path") + 1] == "examples/data.jsonl"
+        assert arguments[arguments.index("--data_path") + 1].startswith("examples/data.jsonl")

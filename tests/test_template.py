@@ -9,7 +9,8 @@ import json
 
 import pytest
 from conftest import write_json, write_jsonl
-from reference_labels import IGNORE, QWEN25_STYLE_TEMPLATE, template_ids_and_labels, template_messages
+from reference_labels import (IGNORE, QWEN25_STYLE_TEMPLATE, official_template, template_ids_and_labels,
+                              template_messages)
 
 import finetune
 
@@ -68,9 +69,11 @@ def trained_runs(tokenizer, example):
     return runs
 
 
-def check_against_the_template(tokenizer, example, messages, tools=None, chat_template=None):
-    messages = template_messages(messages, arguments_as_objects=chat_template == QWEN25_STYLE_TEMPLATE)
-    text, ids, labels = template_ids_and_labels(tokenizer, messages, tools, chat_template)
+def check_against_the_template(tokenizer, example, messages, tools=None, chat_template=None, objects=None,
+                               **template_kwargs):
+    objects = chat_template == QWEN25_STYLE_TEMPLATE if objects is None else objects
+    messages = template_messages(messages, arguments_as_objects=objects)
+    text, ids, labels = template_ids_and_labels(tokenizer, messages, tools, chat_template, **template_kwargs)
     assert example["input_ids"] == ids
     assert example["labels"] == labels
     return text
@@ -257,6 +260,69 @@ def test_template_choice(tokenizer, tmp_path):
     with pytest.raises(finetune.UserError, match="fails on a plain user/assistant exchange .*a system message is "
                                                  "required.*--template chatml"):
         finetune.ChatEncoder(picky, 64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The current generation's official templates: Qwen3.5 (think / nothink), Qwen3.6, Qwen3.8
+# ---------------------------------------------------------------------------------------------------------
+
+XML_CALLS = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nLyon\n</parameter>\n</function>\n</tool_call>"
+             "\n<tool_call>\n<function=get_weather>\n<parameter=city>\nNice\n</parameter>\n</function>\n</tool_call>")
+GREETING, ANSWER = "Bonjour ! ☀️<|im_end|>", "Pluie à Lyon (12 °C), soleil à Nice (21 °C).<|im_end|>"
+THOUGHT = "<think>\nA greeting; answer briefly.\n</think>\n\n"
+# What each template trains of AGENT_MESSAGES with each setting: the last query's turns always with their reasoning;
+# the earlier greeting with its reasoning only where thinking is preserved (Qwen3.8 by default).
+CURRENT_TEMPLATES = {
+    ("qwen3_5_think", "{}"): False, ("qwen3_5_nothink", "{}"): False,
+    ("qwen3_6", "{}"): False, ("qwen3_6", '{"preserve_thinking": true}'): True,
+    ("qwen3_8", "{}"): True, ("qwen3_8", '{"preserve_thinking": false}'): False,
+    ("qwen3_8", '{"reasoning_effort": "low"}'): True, ("qwen3_8", '{"enable_thinking": false}'): True,
+}
+
+
+@pytest.mark.parametrize("name,settings", CURRENT_TEMPLATES, ids=[f"{n} {s}" for n, s in CURRENT_TEMPLATES])
+def test_current_qwen_templates_reasoning_xml_tool_calls_and_tool_results(tokenizer, tmp_path, name, settings):
+    template = with_template(tokenizer, official_template(name))
+    kwargs = json.loads(settings)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"tools": [WEATHER_TOOL], "messages": AGENT_MESSAGES}])
+    encoder = finetune.ChatEncoder(template, 8192, template_kwargs=kwargs)
+    # XML calls loop over the arguments' items: a string would fail, so the template is handed objects.
+    assert encoder.traits == finetune.TemplateTraits(
+        writes_tools=True, writes_tool_calls=True, wants_object_arguments=True, writes_reasoning=True)
+    for lazy in (False, True):
+        [example] = encode(template, path, lazy=lazy, template_kwargs=kwargs)
+        text = check_against_the_template(template, example, AGENT_MESSAGES, [WEATHER_TOOL], objects=True, **kwargs)
+        assert trained_runs(template, example) == [
+            (THOUGHT if CURRENT_TEMPLATES[name, settings] else "") + GREETING,
+            "<think>\nTwo cities, two calls.\n</think>\n\n" + XML_CALLS + "<|im_end|>",
+            "<think>\nRain in Lyon, sun in Nice.\n</think>\n\n" + ANSWER]
+        assert "<tool_response>" in text and all("tool_response" not in run for run in trained_runs(template, example))
+    if "reasoning_effort" in kwargs:  # the effort instruction goes to the system prompt, which is never trained
+        assert "Reasoning effort is set to low" in text
+    elif name == "qwen3_8" and kwargs.get("enable_thinking", True):
+        assert "Reasoning effort is set to xhigh" in text
+
+
+def test_template_kwargs_reach_every_render_and_are_checked(tokenizer, tmp_path):
+    qwen36 = with_template(tokenizer, official_template("qwen3_6"))
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello.", "reasoning_content": "r"},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you."}]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])
+    [plain] = encode(qwen36, path)
+    [preserved] = encode(qwen36, path, template_kwargs={"preserve_thinking": True})
+    assert trained_runs(qwen36, plain) == ["Hello.<|im_end|>", "See you.<|im_end|>"]
+    assert trained_runs(qwen36, preserved) == ["<think>\nr\n</think>\n\nHello.<|im_end|>", "See you.<|im_end|>"]
+    with pytest.raises(finetune.UserError, match="--chat_template_kwargs are settings of the model's own chat "
+                                                 "template, which --template chatml does not use"):
+        finetune.ChatEncoder(tokenizer, 64, template="chatml", template_kwargs={"enable_thinking": False})
+    qwen38 = with_template(tokenizer, official_template("qwen3_8"))
+    with pytest.raises(finetune.UserError, match="fails on a plain user/assistant exchange with these "
+                                                 "--chat_template_kwargs .*Unexpected reasoning effort"):
+        finetune.ChatEncoder(qwen38, 64, template_kwargs={"reasoning_effort": "max"})
+    for bad, expected in (("{not json", "must be a JSON object, e.g."), ("[1]", "must be a JSON object of template")):
+        with pytest.raises(finetune.UserError, match=expected):
+            finetune.DataArguments(data_path=["d.jsonl"], chat_template_kwargs=bad)
+    assert finetune.DataArguments(data_path=["x"], chat_template_kwargs=' {"a": 1}').chat_template_kwargs == {"a": 1}
 
 
 # ---------------------------------------------------------------------------------------------------------

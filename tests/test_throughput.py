@@ -1,6 +1,7 @@
 """Packing isolation, the chunked loss against the standard loss, token-weighted accumulation, length grouping."""
 import pytest
 import torch
+import transformers
 from conftest import make_encoder, write_jsonl
 from fp32 import assert_fp32_close, backward_depth, forward_depth
 from test_model import lora_args, training_args
@@ -24,10 +25,10 @@ def examples(tokenizer, tmp_path_factory):
     return [dataset[i] for i in range(len(dataset))]
 
 
-def load(model_dir, tmp_path, attn="sdpa", **lora_kwargs):
+def load(model_dir, tmp_path, attn="sdpa", packing=False, **lora_kwargs):
     model_args = finetune.ModelArguments(model_name_or_path=model_dir, attn_implementation=attn)
     args = lora_args(**lora_kwargs) if lora_kwargs else finetune.LoraArguments()
-    model = finetune.load_model(model_args, training_args(tmp_path), args)
+    model = finetune.load_model(model_args, training_args(tmp_path, packing=packing), args)
     torch.manual_seed(0)
     with torch.no_grad():  # a LoRA B starts at zero: give the adapter weights that matter
         for name, p in model.named_parameters():
@@ -41,21 +42,30 @@ def summed_loss(logits, labels):
     return torch.nn.functional.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=-100, reduction="sum")
 
 
-@pytest.mark.parametrize("arch", ["tiny_qwen2", "tiny_qwen3"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_samples_do_not_see_each_other(request, tmp_path, examples, tokenizer, arch, attn):
-    model = load(request.getfixturevalue(arch), tmp_path, attn=attn).eval()
+# Every model family packing is accepted on (finetune.PACKING_MODEL_TYPES), with the attention kinds tested.
+PACKING_CASES = [("qwen2", "sdpa"), ("qwen2", "eager"), ("qwen3", "sdpa"), ("qwen3", "eager"), ("qwen2_moe", "sdpa"),
+                 ("qwen3_moe", "sdpa"), ("qwen3_next", "sdpa"), ("qwen3_5", "sdpa"), ("qwen3_5", "eager"),
+                 ("qwen3_5_moe", "sdpa"), ("qwen3_5_text", "sdpa"), ("qwen3_5_moe_text", "sdpa"),
+                 ("qwen3_5", "sdpa+lora")]
+
+
+@pytest.mark.parametrize("arch,attn", PACKING_CASES, ids=[f"{a}-{b}" for a, b in PACKING_CASES])
+def test_packed_samples_do_not_see_each_other(tiny_models, tmp_path, examples, tokenizer, arch, attn):
+    lora = {"lora_dropout": 0.0} if attn.endswith("+lora") else {}
+    model = load(tiny_models(arch), tmp_path, attn=attn.split("+")[0], packing=True, **lora).eval()
+    layers = model.config.get_text_config().num_hidden_layers
     packed = finetune.make_collator(tokenizer, packing=True)(examples)
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
     assert packed["position_ids"][0].tolist() == [p for e in examples for p in range(len(e["input_ids"]))]
+    inputs = {key: value for key, value in packed.items() if key != "labels"}  # with the sample boundaries
     with torch.no_grad():
-        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        packed_logits = model(**inputs).logits[0]
         alone = [model(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in examples]
     start, packed_sum, alone_sum, trained = 0, 0.0, 0.0, 0
     for example, logits in zip(examples, alone):
         end = start + len(example["input_ids"])
         # Same sums, other shapes: each logit is behind the forward's chain of sums over this sample.
-        assert_fp32_close(packed_logits[start:end], logits, forward_depth(len(example["input_ids"])), "logits")
+        assert_fp32_close(packed_logits[start:end], logits, forward_depth(len(example["input_ids"]), layers), "logits")
         labels = torch.tensor(example["labels"])
         packed_sum += summed_loss(packed_logits[start:end], labels)
         alone_sum += summed_loss(logits, labels)
@@ -66,6 +76,24 @@ def test_packed_samples_do_not_see_each_other(request, tmp_path, examples, token
         packed_loss = model(**packed).loss
     # A mean of `trained` per-token losses (the logits' own rounding is checked above).
     assert_fp32_close(packed_loss, alone_sum / trained, trained, "loss")
+
+
+def test_packing_is_tested_on_every_model_type_it_is_accepted_on(tiny_models):
+    tested = {transformers.AutoConfig.from_pretrained(tiny_models(arch)).model_type for arch, _ in PACKING_CASES}
+    assert tested == set(finetune.PACKING_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("config, attention, message", [
+    (transformers.LlamaConfig(), "sdpa", "--packing has not been verified on model type 'llama'"),
+    (transformers.Qwen2VLConfig(), "sdpa", "--packing has not been verified on model type 'qwen2_vl'"),
+    (transformers.Qwen3Config(), "flex_attention", "--packing with --attn_implementation flex_attention: packed "
+                                                   "samples would see each other"),
+], ids=["llama", "qwen2_vl", "flex"])
+def test_packing_is_refused_where_it_is_not_verified(config, attention, message):
+    with pytest.raises(finetune.UserError, match=message) as error:
+        finetune.check_packing(config, attention, packing=True)
+    assert "\n" not in str(error.value)
+    finetune.check_packing(config, attention, packing=False)  # nothing to check without packing
 
 
 def standard_and_chunked(model, batch, num_items_in_batch=None):
@@ -106,9 +134,10 @@ def test_chunked_loss_equals_the_standard_loss_and_gradients(tiny_qwen2, tmp_pat
 
 
 @pytest.mark.parametrize("chunked", [True, False])
-def test_accumulated_step_loss_is_the_mean_over_all_its_trained_tokens(tiny_qwen2, tmp_path, examples, tokenizer,
-                                                                        chunked):
-    model = load(tiny_qwen2, tmp_path)
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3_5"])  # Qwen3.5's own loss would average per micro-batch
+def test_accumulated_step_loss_is_the_mean_over_all_its_trained_tokens(tiny_models, tmp_path, examples, tokenizer,
+                                                                        chunked, arch):
+    model = load(tiny_models(arch), tmp_path)
     with torch.no_grad():  # what the first optimizer step sees: the initial weights on both micro-batches
         sums = [summed_loss(model(input_ids=torch.tensor([e["input_ids"]])).logits[0], torch.tensor(e["labels"]))
                 for e in examples[:2]]
