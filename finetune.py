@@ -2122,6 +2122,9 @@ def load_model(model_args, training_args, lora_args):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            # lm_head (bitsandbytes' own default) and the gates stay in 16 bits: a few outputs each, nothing to
+            # save, and they decide routing and recurrent decay, where 4-bit error costs most.
+            llm_int8_skip_modules=["lm_head", *LORA_LEFT_OUT],
         )
         # A quantized model cannot be moved after loading: put it on this process's device right away.
         load_kwargs["device_map"] = {"": training_args.device}

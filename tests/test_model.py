@@ -124,6 +124,23 @@ def test_qlora_loads_the_base_in_4bit_nf4_with_double_quantization(tiny_qwen2, t
     assert trainable and all(".lora_" in n for n in trainable)
 
 
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "qwen3_moe"])
+def test_qlora_quantizes_the_projections_and_leaves_the_gates_in_full_precision(arch, tiny_models, tmp_path):
+    import bitsandbytes as bnb
+
+    model = load(tiny_models(arch), tmp_path, q_lora=True, lora_dropout=0.0)
+    quantized = {name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+    layer = "layers.0." if arch == "qwen3_moe" else "layers.3."  # an attention layer
+    assert any(name.endswith(f"{layer}self_attn.q_proj.base_layer") for name in quantized)
+    gates = [name for name, module in model.named_modules() if name.endswith(finetune.LORA_LEFT_OUT)
+             and isinstance(module, torch.nn.Linear)]
+    assert not any(name in quantized for name in gates)
+    assert all(not name.endswith("lm_head") for name in quantized)
+    batch = torch.randint(0, 1000, (2, 9))
+    model(input_ids=batch, labels=batch).loss.backward()  # trains: the adapters get gradients
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
 def test_resume_true_takes_the_newest_checkpoint(tmp_path):
     args = training_args(tmp_path, resume_from_checkpoint="true")
     with pytest.raises(finetune.UserError, match="no complete checkpoint-\\* folder"):
