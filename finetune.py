@@ -36,6 +36,7 @@ import logging
 import math
 import multiprocessing
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -43,11 +44,13 @@ import socket
 import sys
 import tempfile
 import time
+import typing
 import warnings
 import zipfile
+import zlib
 from array import array
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -102,6 +105,11 @@ class ModelArguments:
         metadata={"help": "The context the model was trained for, which --rope_scaling stretches (default: its "
                   "config's max_position_embeddings; Qwen3's says 40960 where Qwen documents 32768)."},
     )
+    experts_implementation: Optional[Literal["eager", "batched_mm", "grouped_mm"]] = field(
+        default=None,
+        metadata={"help": "MoE models: how the experts run. grouped_mm (the default where torch has it): one grouped "
+                  "matrix product for all experts; batched_mm; eager: a loop over the experts."},
+    )
 
 
 @dataclass
@@ -136,7 +144,7 @@ class DataArguments:
                   "--template chatml, the template's own default with auto. Empty: none with chatml, an empty "
                   "system message with auto."},
     )
-    chat_template_kwargs: Optional[str] = field(
+    chat_template_kwargs: Optional[Union[dict, str]] = field(
         default=None,
         metadata={"help": "A JSON object of settings handed to the model's chat template at every render, e.g. "
                   "'{\"preserve_thinking\": true}' (Qwen3.6/3.8), '{\"enable_thinking\": false}', "
@@ -162,6 +170,8 @@ class DataArguments:
             self.data_cache_dir = default_cache_dir()
         elif self.data_cache_dir.strip().lower() == "none":
             self.data_cache_dir = ""
+        else:
+            self.data_cache_dir = os.path.expanduser(self.data_cache_dir)
         if self.preprocessing_num_workers is None:
             self.preprocessing_num_workers = min(len(os.sched_getaffinity(0)), 8)
         self.chat_template_kwargs = parse_template_kwargs(self.chat_template_kwargs)
@@ -217,6 +227,11 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "The newest checkpoint was trained on other data: start from its weights on the new data, "
                   "with a fresh optimizer, schedule and epoch count, instead of stopping."},
     )
+    router_aux_loss_coef: Optional[float] = field(
+        default=None,
+        metadata={"help": "MoE models: weight of the router's load-balancing loss in the training loss (default: the "
+                  "model's router_aux_loss_coef, 0.001 on Qwen's); logged as router_aux_loss; 0 turns it off."},
+    )
 
     def __post_init__(self):
         if self.group_by_length:
@@ -257,6 +272,10 @@ class LoraArguments:
             "embed_tokens,lm_head for a base model that must learn the ChatML control tokens."
         },
     )
+    lora_router: bool = field(
+        default=False,
+        metadata={"help": "MoE models: adapt the router too (by default LoRA leaves the routing as it is)."},
+    )
 
     def __post_init__(self):
         self.lora_target_modules = split_names(self.lora_target_modules)
@@ -268,17 +287,33 @@ class LoraArguments:
 
 def parse_arguments(argv=None):
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
+    parser.error = refuse_command_line  # one line naming the flag, not argparse's usage text
     argv = expand_config_files(sys.argv[1:] if argv is None else list(argv), parser)
+    check_finite(parser, argv)  # before the Trainer's own checks run into inf or nan
     # Creating TrainingArguments starts torch.distributed: the environment must be ready before.
     argv = prepare_launch_environment(argv)
     try:
         model_args, data_args, training_args, lora_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:  # unknown flags and combinations the Trainer rejects
-        raise UserError(str(e)) from None
+        raise UserError(first_line(e)) from None
     check_arguments(data_args, training_args, lora_args)
     check_model_arguments(model_args)
     check_distributed_setup(training_args, lora_args)
     return model_args, data_args, training_args, lora_args
+
+
+def refuse_command_line(message):
+    """argparse's error, as one line naming the flag (once, not with its dashed alias)."""
+    raise UserError(re.sub(r"^argument (--\w+)(/--[\w-]+)*", r"\1", message))
+
+
+def check_finite(parser, argv):
+    """Every number a flag takes is finite: inf epochs or a nan learning rate would only fail after loading."""
+    values, _ = parser.parse_known_args(argv)
+    for action in parser._actions:
+        value = getattr(values, action.dest, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{action.dest} must be a finite number, got {value}")
 
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -288,50 +323,168 @@ def expand_config_files(argv, parser):
     """`finetune.py run.yaml [--flag value ...]`, and `--config run.yaml` anywhere: the file's settings (keys are
     flag names) take its place on the command line, so that flags after it win over it, and it over flags before
     it (the launchers put their defaults there)."""
-    known = {action.dest for action in parser._actions}  # argparse's list of what it parses
     expanded, rest = [], list(argv)
     if rest and not rest[0].startswith("-") and rest[0].endswith(CONFIG_SUFFIXES):
-        expanded += config_file_arguments(rest.pop(0), known)
+        expanded += config_file_arguments(rest.pop(0), parser)
     while rest:
         arg = rest.pop(0)
         if arg == "--config" or arg.startswith("--config="):
             path = arg.partition("=")[2] or (rest.pop(0) if rest else "")
             if not path:
                 raise UserError("--config needs a YAML or JSON file")
-            expanded += config_file_arguments(path, known)
+            expanded += config_file_arguments(path, parser)
         else:
             expanded.append(arg)
     return expanded
 
 
-def config_file_arguments(path, known):
-    """A config file's settings as command-line arguments; an unknown key is an error naming it and the file."""
+def config_file_arguments(path, parser):
+    """A config file's settings as command-line arguments, each value checked against its flag's type (see
+    config_value_arguments); an unknown key, a key given twice (in any spelling) or a value of the wrong type is an
+    error naming the file and the key."""
+    flags = config_flags(parser)
+    arguments, seen = [], {}
+    for key, value in read_config_file(path).items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name in seen:
+            raise UserError(f"{path}: '{seen[name]}' and '{key}' set the same flag; keep one")
+        seen[name] = key
+        if name not in flags:
+            raise UserError(f"{path}: unknown key '{key}' (not a flag of finetune.py; see --help)")
+        if value is not None:  # `key:` with nothing after it leaves the flag at its default
+            arguments += [f"--{name}", *config_value_arguments(value, flags[name], f"{path}: '{key}'")]
+    return arguments
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+def read_config_file(path):
+    """The settings of a YAML or JSON file of flags; a key given twice at any level is refused, not overwritten."""
     import yaml
 
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
     except OSError as e:
         raise UserError(f"{path}: cannot read the config file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    kind = "JSON" if path.endswith(".json") else "YAML"
     try:
-        settings = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as e:
-        raise UserError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} ({first_line(e)})") from None
+        if kind == "JSON":
+            settings = json.loads(text, object_pairs_hook=unique_keys, parse_constant=refuse_constant)
+        else:
+            settings = yaml.load(text, Loader=unique_key_yaml_loader())
+    except DuplicateKey as e:
+        raise UserError(f"{path}: '{e}' is set twice; keep one") from None
+    except (ValueError, yaml.YAMLError, RecursionError) as e:
+        raise UserError(f"{path}: not valid {kind} ({first_line(e)})") from None
     if settings is None:
-        return []
+        return {}
     if not isinstance(settings, dict):
         raise UserError(f"{path}: expected flag names and their values, got a {type(settings).__name__}")
-    arguments = []
-    for key, value in settings.items():
-        name = str(key).lstrip("-").replace("-", "_")
-        if name not in known:
-            raise UserError(f"{path}: unknown key '{key}' (not a flag of finetune.py; see --help)")
-        if value is None:
+    return settings
+
+
+def unique_keys(pairs):
+    keys = [key for key, _ in pairs]
+    if duplicates := [key for i, key in enumerate(keys) if key in keys[:i]]:
+        raise DuplicateKey(duplicates[0])
+    return dict(pairs)
+
+
+@functools.lru_cache(maxsize=None)
+def unique_key_yaml_loader():
+    """PyYAML's safe loader, refusing a mapping that gives a key twice (PyYAML keeps the last one silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            unique_keys([(self.construct_object(key, deep=deep), None) for key, _ in node.value])
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
+@dataclass
+class FlagType:
+    """What a flag takes, as the config file check needs it."""
+
+    kind: str  # bool, int, float, str, choice, list, other
+    choices: tuple = ()
+    mapping: bool = False  # a JSON object is accepted (a YAML mapping is written as one)
+
+
+def config_flags(parser):
+    """{flag: FlagType} from the parser's own actions (the first action of each flag; --no_X shares X's) and the
+    dataclasses' annotations (whether a mapping is accepted)."""
+    from transformers.hf_argparser import string_to_bool
+
+    mapping = {name for cls in (ModelArguments, DataArguments, TrainingArguments, LoraArguments)
+               for name, hint in typing.get_type_hints(cls).items() if dict in (typing.get_args(hint) or (hint,))}
+    flags = {}
+    for action in parser._actions:
+        if action.dest in flags or not action.option_strings or action.dest == "help":
             continue
-        values = value if isinstance(value, list) else [value]
-        arguments += [f"--{name}", *(json.dumps(v) if isinstance(v, dict) else str(v).lower() if isinstance(v, bool)
-                                     else str(v) for v in values)]
-    return arguments
+        if action.type is string_to_bool:
+            kind = "bool"
+        elif action.choices:
+            kind = "choice"
+        elif action.nargs == "+":
+            kind = "list"
+        else:
+            kind = {int: "int", float: "float", str: "str"}.get(action.type, "other")
+        flags[action.dest] = FlagType(kind, tuple(str(c) for c in action.choices or ()), action.dest in mapping)
+    return flags
+
+
+def config_value_arguments(value, flag, where):
+    """A config value as the command-line words its flag takes, or one line saying what was expected. YAML's
+    implicit typing is not trusted: an unquoted no/yes/on/off is a boolean, fine for a yes/no flag and an error
+    for a text flag; a number where text is expected must be quoted; the one conversion made is 1e-4 (a string to
+    YAML 1.1) to a float for a float flag."""
+    if isinstance(value, dict):
+        if flag.mapping:
+            return [json.dumps(value)]
+        raise UserError(f"{where} takes {describe_flag_type(flag)}, not a mapping")
+    if isinstance(value, list):
+        if flag.kind == "list" and all(isinstance(v, str) for v in value):
+            return value
+        raise UserError(f"{where} takes {describe_flag_type(flag)}, not {describe_value(value)}")
+    ok = {"bool": isinstance(value, bool),
+          "int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool) or is_float_text(value),
+          "str": isinstance(value, str), "list": isinstance(value, str),
+          "choice": isinstance(value, str) and value in flag.choices,
+          "other": isinstance(value, (str, int, float))}[flag.kind]
+    if not ok:
+        quote = " (YAML reads no/yes/on/off/true/false as a boolean: quote it)" if isinstance(value, bool) else ""
+        raise UserError(f"{where} takes {describe_flag_type(flag)}, got {describe_value(value)}{quote}")
+    return [str(value).lower() if isinstance(value, bool) else str(value)]
+
+
+def is_float_text(value):
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, str)
+
+
+def describe_flag_type(flag):
+    return {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "text",
+            "list": "a list of names (or one text)", "other": "a value",
+            "choice": f"one of {', '.join(flag.choices)}"}[flag.kind] + (" or a mapping" if flag.mapping else "")
+
+
+def describe_value(value):
+    kind = {bool: "a boolean", int: "a whole number", float: "a number", str: "text", list: "a list",
+            dict: "a mapping"}.get(type(value), type(value).__name__)
+    if isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
+        kind = "a nested list"
+    return f"{kind} ({json.dumps(value, default=str)[:60]})"
 
 
 def check_arguments(data_args, training_args, lora_args):
@@ -342,8 +495,11 @@ def check_arguments(data_args, training_args, lora_args):
         raise UserError(f"--model_max_length must be at least 2, got {training_args.model_max_length}")
     if training_args.bf16 and training_args.fp16:
         raise UserError("choose one of --bf16 and --fp16")
-    if data_args.val_size < 0 or (data_args.val_size and data_args.eval_data_path):
-        raise UserError("--val_size must be >= 0 and cannot be combined with --eval_data_path")
+    val_size = data_args.val_size
+    if val_size < 0 or (val_size >= 1 and val_size != int(val_size)):
+        raise UserError(f"--val_size is a fraction below 1 or a whole number of samples, got {val_size}")
+    if val_size and data_args.eval_data_path:
+        raise UserError("--val_size cannot be combined with --eval_data_path")
     check_numbers(training_args, lora_args)
     if lora_args.lora_weight_path and not os.path.isfile(os.path.join(lora_args.lora_weight_path, "adapter_config.json")):
         raise UserError(f"--lora_weight_path {lora_args.lora_weight_path}: no adapter_config.json in that folder")
@@ -375,6 +531,10 @@ def check_numbers(training_args, lora_args):
     for name, value in non_negative.items():
         if not value >= 0:  # also false for nan
             raise UserError(f"--{name} must be zero or more, got {value}")
+    if training_args.router_aux_loss_coef is not None and training_args.router_aux_loss_coef < 0:
+        raise UserError(f"--router_aux_loss_coef must be zero or more, got {training_args.router_aux_loss_coef}")
+    if not 0 <= training_args.seed < 2 ** 32:  # what numpy's generators take
+        raise UserError(f"--seed must be in [0, 2^32), got {training_args.seed}")
     if not 0 <= lora_args.lora_dropout < 1:
         raise UserError(f"--lora_dropout must be in [0, 1), got {lora_args.lora_dropout}")
     if training_args.max_steps == 0 or (training_args.max_steps < 0 and training_args.max_steps != -1):
@@ -638,40 +798,84 @@ def claim_output_dir(output_dir, model_path):
 
 
 OUTPUT_LOCK = ".finetune.lock"
+WAIT_REPORT_SECONDS = 300  # how often a process that waits for another one says so again
 _held_lock = None  # the open lock file: the kernel releases it when this process ends, however it ends
 
 
 def lock_output_dir(output_dir):
-    """One run per output folder: the second stops and names the first; a lock left by a dead run is taken over."""
+    """One run per output folder: the second stops and names the first; a lock left by a dead run is taken over.
+    The lock file is never removed, so that every run locks the same file."""
     global _held_lock
     path = os.path.join(output_dir, OUTPUT_LOCK)
-    lock = open(path, "a+")
-    lock.seek(0)
-    holder = lock.read().strip()
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise UserError(f"--output_dir {output_dir} is in use by another run ({holder or 'holder unknown'}); wait "
+        _held_lock = acquire_lock(path)
+    except BlockingIOError as e:
+        raise UserError(f"--output_dir {output_dir} is in use by another run ({e.args[0] or 'holder unknown'}); wait "
                         "for it to end or choose another folder") from None
     except OSError as e:  # a file system without locks (some network and FUSE mounts)
-        lock.close()
         log.warning(f"--output_dir {output_dir}: cannot lock it ({e.strerror}); make sure no other run uses it")
-        return
-    if holder:
-        log.info(f"{output_dir}: taking over the lock of a run that ended without releasing it ({holder})")
-    lock.truncate(0)
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    lock.flush()
-    _held_lock = lock
 
 
 def release_output_dir():
     global _held_lock
     if _held_lock is not None:
-        os.remove(_held_lock.name)
+        _held_lock.truncate(0)  # released, not abandoned
         _held_lock.close()
         _held_lock = None
+
+
+def acquire_lock(path, waiting=None):
+    """An exclusive lock on the file `path` (created if missing), held until the returned file is closed; it says
+    who holds it (pid, host, since). Held by another process: BlockingIOError naming the holder, or with `waiting`
+    (what the holder does) wait for it, saying so now and every few minutes. The file locked is checked to be the
+    one at `path` still, so that a holder removing it on release can never leave two processes holding "it"."""
+    said = 0.0
+    while True:
+        lock = open(path, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            lock.close()
+            if waiting is None:
+                raise BlockingIOError(holder) from None
+            if time.perf_counter() - said > WAIT_REPORT_SECONDS:
+                said = time.perf_counter()
+                log.info(f"waiting for another job ({holder or 'holder unknown'}) that is {waiting}")
+            time.sleep(0.5)
+            continue
+        except OSError:
+            lock.close()
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                lock.seek(0)
+                if previous := lock.read().strip():
+                    log.info(f"{path}: taking over the lock of a process that ended without releasing it ({previous})")
+                lock.truncate(0)
+                lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+                lock.flush()
+                return lock
+        lock.close()  # removed or replaced meanwhile: lock the file that is there now
+
+
+@contextlib.contextmanager
+def locked_file(path, waiting):
+    """acquire_lock as a context, removing the file when done (acquire_lock's check makes that safe); on a file
+    system without locks, carry on unlocked (a second builder's result is as good as ours)."""
+    try:
+        lock = acquire_lock(path, waiting)
+    except BlockingIOError:
+        raise
+    except OSError:
+        lock = open(path, "a+")
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        lock.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -682,7 +886,31 @@ def is_main_process():
     """Global rank 0 (torchrun and the deepspeed launcher both set RANK); True for a plain `python` run. The one
     test of "this is rank 0", except where the Trainer decides which process writes files (args.should_save,
     which --save_on_each_node extends to every node's first process)."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return process_rank() == 0
+
+
+def process_rank():
+    """This process's global rank (torchrun and the deepspeed launcher set RANK); 0 for a plain `python` run."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_local_main_process():
+    """The first process of this machine (LOCAL_RANK 0): the one that builds what the machine's processes share."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def world_size():
+    """The number of processes the launcher started (before torch.distributed is up)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def end_with_parent():
+    """A helper process (a tokenizing worker) ends when the process that started it ends, even by SIGKILL, instead
+    of running on (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def report_error(message):
@@ -906,6 +1134,26 @@ def whole_weight(weight):
     return deepspeed.zero.GatheredParameters([weight])
 
 
+def gather_expert_blocks_whole(model):
+    """ZeRO-3: each mixture-of-experts block becomes a leaf for DeepSpeed (set_z3_leaf_modules), so that all its
+    weights are gathered when it starts, whichever experts this rank's tokens go to: ranks that route differently
+    then never wait for each other's gathers, and DeepSpeed's prefetching does not follow a routing order."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    blocks = {type(module) for module in model.modules() if is_expert_block(module)}
+    if blocks:
+        set_z3_leaf_modules(model, sorted(blocks, key=lambda block: block.__name__))
+
+
+def sum_over_ranks(values, device):
+    """Each of `values` summed over every rank (all ranks must call it together); as they are without a group."""
+    if not in_process_group():
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
 def gather_trainable_state_dict(model, keep):
     """The trainable parameters at full shape, on the CPU where `keep` is true (None elsewhere); every rank must
     call it.
@@ -976,6 +1224,13 @@ class Source:
     parts: list  # file paths, or one HUB_PREFIX + dataset id
     take: Optional[float] = None  # None: every sample; an int: that many; a float: that fraction
 
+    @property
+    def matched_files(self):
+        """How many files a glob pattern or folder stood for (None for a file or a dataset id)."""
+        location = self.spec.rpartition("#")[0] if self.take is not None else self.spec
+        pattern_or_folder = any(c in location for c in "*?[") or os.path.isdir(os.path.expanduser(location))
+        return len(self.parts) if pattern_or_folder else None
+
 
 def parse_sources(specs):
     """--data_path entries as Sources: files, folders (every .json, .jsonl and .parquet inside, in name order), glob
@@ -986,15 +1241,29 @@ def parse_sources(specs):
         head, _, amount = spec.rpartition("#")
         if head and re.fullmatch(r"\d+|\d*\.\d+|\d+\.", amount):
             location, take = head, float(amount) if "." in amount else int(amount)
-            if take <= 0:
-                raise UserError(f"--data_path {spec}: the amount after '#' must be positive")
-        sources.append(Source(spec, source_parts(location), take))
+            check_amount(spec, take)
+        sources.append(Source(spec, source_parts(os.path.expanduser(location)), take))
     return sources
+
+
+# What one taken sample costs in index arrays (the mix's, the sampler's, the Trainer's): bounds a #count.
+INDEX_BYTES_PER_SAMPLE = 48
+
+
+def check_amount(spec, take):
+    """A #count or #fraction that can be taken: positive, and a count whose indices alone fit in this machine's
+    memory (a typo of a few zeros would otherwise allocate it all)."""
+    if take <= 0:
+        raise UserError(f"--data_path {spec}: the amount after '#' must be positive")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if isinstance(take, int) and take * INDEX_BYTES_PER_SAMPLE > memory // 2:
+        raise UserError(f"--data_path {spec}: {take:,} samples would need {take * INDEX_BYTES_PER_SAMPLE / 2 ** 30:,.0f} "
+                        f"GiB for their indices alone, more than half of this machine's {memory / 2 ** 30:.0f} GiB")
 
 
 def source_parts(location):
     if any(char in location for char in "*?["):
-        files = sorted(path for path in glob.glob(location, recursive=True) if os.path.isfile(path))
+        files = files_matching(location)
         if not files:
             raise DataError(f"{location}: matches no file")
         return files
@@ -1006,6 +1275,27 @@ def source_parts(location):
     if not os.path.exists(location) and DATASET_ID.fullmatch(location) and not location.endswith(FILE_SUFFIXES):
         return [HUB_PREFIX + location]
     return [location]  # a file; a missing one is reported when it is read
+
+
+def files_matching(pattern):
+    """The files a glob pattern matches, in name order, each real file once: `**` does not descend into linked
+    folders (glob's does, and a link to a parent folder made it read one file 41 times), and two names of one file
+    (a link beside it) count once. Hidden files are left out, as the shell and glob do."""
+    parts = pattern.split(os.sep)
+    first_magic = next(i for i, part in enumerate(parts) if any(char in part for char in "*?["))
+    if "**" not in parts[first_magic:]:
+        matches = glob.glob(pattern)
+    else:
+        base = os.sep.join(parts[:first_magic]) or (os.sep if pattern.startswith(os.sep) else ".")
+        relative = pathlib.Path(base).glob(os.sep.join(parts[first_magic:]))
+        matches = [str(path) for path in relative if not any(part.startswith(".") for part in
+                                                             path.relative_to(base).parts)]
+    files, seen = [], set()
+    for path in sorted(matches):
+        if os.path.isfile(path) and (real := os.path.realpath(path)) not in seen:
+            seen.add(real)
+            files.append(path)
+    return files
 
 
 def detect_format(path):
@@ -1429,6 +1719,11 @@ def labels_from_offsets(input_ids: list[int], offsets: list[Span],
     return ids, np.where(inside, ids, IGNORE_INDEX).astype(np.int32)
 
 
+# Tokenizer settings that say where it was loaded from, not what it does: left out of its fingerprint.
+TOKENIZER_LOCATION_KEYS = ("name_or_path", "vocab_file", "merges_file", "tokenizer_file", "is_local",
+                           "local_files_only", "cache_dir", "revision", "token", "_commit_hash", "trust_remote_code")
+
+
 class ChatEncoder:
     """Turns Conversations into {input_ids, labels}: render once, tokenize the whole text at once, cut, label."""
 
@@ -1461,9 +1756,19 @@ class ChatEncoder:
 
     @functools.cached_property
     def tokenizer_fingerprint(self):
-        """A hash of the tokenizer as serialized (vocabulary, merges, added tokens, normalisation): once per run,
-        not once per data file."""
-        return hashlib.sha256(self.tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+        """A hash of what decides how this tokenizer turns text into ids (once per run, not once per data file):
+        its serialized form (vocabulary, merges, added and special tokens, normalisation, pre-tokenization), every
+        setting it was created with (all of tokenizer_config.json: split_special_tokens, add_prefix_space, ...,
+        not a list of the ones known to matter), and what it actually gives for a probe text: the same call as
+        `encode` below, on text holding each special token, spaces, digits and non-Latin script."""
+        tokenizer = self.tokenizer
+        settings = {key: value for key, value in tokenizer.init_kwargs.items() if key not in TOKENIZER_LOCATION_KEYS}
+        probe = " ".join(["Probe:  x\n\n\t12345 ½ ÄÖü 中文 🙂 <think>\n</think>", *tokenizer.all_special_tokens])
+        encoded = tokenizer(probe, add_special_tokens=False, return_offsets_mapping=True)
+        described = json.dumps([tokenizer.backend_tokenizer.to_str(), type(tokenizer).__name__, settings,
+                                encoded["input_ids"], encoded["offset_mapping"]],
+                               sort_keys=True, default=lambda value: getattr(value, "__getstate__", value.__repr__)())
+        return hashlib.sha256(described.encode()).hexdigest()
 
     def parse(self, sample, where):
         conversation = parse_sample(sample, where, self.forbidden_tokens)
@@ -1552,17 +1857,11 @@ class SupervisedDataset(Dataset):
     and every rank memory-maps them: the operating system's page cache then holds one copy per machine."""
 
     def __init__(self, path, encoder, batch_size=1000, cache_dir=None, num_workers=1):
-        folder = load_or_build_tokenized(path, encoder, cache_dir, num_workers, batch_size)
+        tokenized = load_or_build_tokenized(path, encoder, cache_dir, num_workers, batch_size)
         self.cached = bool(cache_dir)
-        with open(os.path.join(folder, "meta.json")) as f:
-            meta = json.load(f)
-        self.dropped, self.empty_assistant = meta["dropped"], meta["empty_assistant"]
-        arrays = {name: np.memmap(os.path.join(folder, f"{name}.bin"), dtype=dtype, mode="r") if size else
-                  np.zeros(0, dtype) for name, (dtype, size) in zip(TOKENIZED_ARRAYS, meta["sizes"])}
-        self.input_ids, self.labels = arrays["input_ids"], arrays["labels"]
-        self.offsets, self.full_lengths = arrays["offsets"], arrays["full_lengths"]
-        if not self.cached:
-            shutil.rmtree(folder)  # a build for this process only: the mapped files live on until unmapped
+        self.dropped, self.empty_assistant = tokenized.meta["dropped"], tokenized.meta["empty_assistant"]
+        self.input_ids, self.labels, self.offsets, self.full_lengths = (
+            tokenized.arrays[name] for name in TOKENIZED_ARRAYS)
         if not len(self) and not self.dropped:
             raise DataError(f"{path}: holds no samples")
 
@@ -1592,7 +1891,19 @@ class SupervisedDataset(Dataset):
 # The files of a tokenized data set (name: dtype), each one flat array
 TOKENIZED_ARRAYS = {"input_ids": np.int32, "labels": np.int32, "offsets": np.int64, "full_lengths": np.int32}
 # Raise whenever rendering, tokenizing, labelling or the files written change: older cache entries then go unused.
-TOKENIZED_FORMAT_VERSION = 2
+TOKENIZED_FORMAT_VERSION = 3
+
+
+@dataclass
+class Tokenized:
+    """A tokenized data file, checked and memory-mapped: meta.json's counts and the TOKENIZED_ARRAYS."""
+
+    meta: dict
+    arrays: dict
+
+
+class DamagedEntry(Exception):
+    """A cache entry whose files are not what its build wrote (cut short, replaced, half copied)."""
 
 
 def default_cache_dir():
@@ -1602,8 +1913,8 @@ def default_cache_dir():
 
 def tokenized_cache_entry(path, encoder):
     """The name of a data file's tokenized form: a hash of everything that decides its tokens and labels, the data's
-    bytes, the tokenizer (vocabulary, merges, added and special tokens, normalisation), the chat template, the
-    rendering flags and the format version; never names or dates."""
+    bytes, the tokenizer (ChatEncoder.tokenizer_fingerprint), the chat template and its settings, the rendering
+    flags and the format version; never names or dates."""
     decided_by = {
         "version": TOKENIZED_FORMAT_VERSION, "data": data_fingerprint([path]),
         "tokenizer": encoder.tokenizer_fingerprint,
@@ -1615,58 +1926,145 @@ def tokenized_cache_entry(path, encoder):
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def load_or_build_tokenized(path, encoder, cache_dir, num_workers, batch_size):
-    """The folder holding `path` tokenized. Without a cache it is built afresh (and removed once mapped). With one,
-    the first process of each machine builds it (others wait on the file system, not on a collective whose timeout
-    a long build would trip) and everyone maps the same files."""
+def load_or_build_tokenized(path, encoder, cache_dir, num_workers, batch_size) -> Tokenized:
+    """`path` tokenized. Without a cache it is built afresh in a temporary folder (removed once mapped). With one,
+    the first process of each machine builds the entry (others wait on the file system, not on a collective whose
+    timeout a long build would trip) and everyone maps the same files, each checking them first."""
     detect_format(path)  # a missing, empty or unreadable file: its own message, before hashing it
+    if cache_dir and not writable_folder(cache_dir):
+        log.warning(f"--data_cache_dir {cache_dir}: cannot write there; tokenizing without a cache")
+        cache_dir = None
     if not cache_dir:
         folder = tempfile.mkdtemp(prefix="tokenized-")
         try:
             build_tokenized(path, encoder, folder, num_workers, batch_size)
-        except BaseException:
+            return read_tokenized(folder)  # the mapped files live on until unmapped
+        finally:
             shutil.rmtree(folder, ignore_errors=True)
-            raise
-        return folder
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=cache_dir):
-            pass
-    except OSError as e:
-        log.warning(f"--data_cache_dir {cache_dir}: cannot write there ({e.strerror}); tokenizing without a cache")
-        return load_or_build_tokenized(path, encoder, None, num_workers, batch_size)
+    if not is_local_main_process():
+        return wait_for_cache_entry(path, encoder, cache_dir)
+    for _ in range(3):  # a file that changes while it is tokenized is tokenized again, under its new hash
+        built = load_or_build_cache_entry(path, encoder, cache_dir, num_workers, batch_size)
+        if built is not None:
+            return built
+    raise DataError(f"{path}: the file kept changing while it was being tokenized; run again once it is complete")
+
+
+def load_or_build_cache_entry(path, encoder, cache_dir, num_workers, batch_size) -> Optional[Tokenized]:
+    """The checked entry for `path` as it is now, built if missing or damaged; None if the file changed while it
+    was being tokenized (the build is then discarded: an entry holds the tokens of the bytes its name says)."""
+    identity = file_identity(path)  # before its bytes are hashed for the name
+    digest = data_fingerprint([path])
     entry = os.path.join(cache_dir, tokenized_cache_entry(path, encoder))
-    rank = int(os.environ.get("RANK", "0"))
-    if os.path.isdir(entry):
-        rank_log.info(f"rank {rank}: {path}: loaded the tokenized data from the cache {entry}")
-        return entry
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
-        return wait_for_cache_entry(path, entry, rank)
-    with open(entry + ".lock", "a") as lock:  # one builder per entry, also across jobs sharing the cache
-        with contextlib.suppress(OSError):  # without locks on this file system, a second builder's entry is as good
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.isdir(entry):  # built by whoever held the lock before
-            return entry
+    if os.path.isdir(entry) and (tokenized := read_cache_entry(path, entry, set_aside=False)):
+        return tokenized
+    # One builder per entry, also across jobs sharing the cache.
+    with locked_file(entry + ".lock", waiting=f"tokenizing {path} into {entry}") as lock:
+        if os.path.isdir(entry) and (tokenized := read_cache_entry(path, entry, set_aside=True)):
+            return tokenized  # built by whoever held the lock before
+        remove_killed_builds(cache_dir, own=lock)
         error_file = entry + ".error"
-        if os.path.exists(error_file):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(error_file)
         building = tempfile.mkdtemp(prefix=os.path.basename(entry) + ".building-", dir=cache_dir)
         started = time.perf_counter()
         try:
             workers = build_tokenized(path, encoder, building, num_workers, batch_size)
+            if file_identity(path) != identity or fresh_data_fingerprint(path) != digest:
+                log.warning(f"{path} changed while it was being tokenized: its tokens are discarded and it is "
+                            "tokenized again")
+                shutil.rmtree(building, ignore_errors=True)
+                return None
             publish(building, entry)
         except BaseException as e:
             shutil.rmtree(building, ignore_errors=True)
-            if isinstance(e, DataError) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if isinstance(e, DataError) and world_size() > 1:
                 with open(error_file, "w") as f:  # the ranks waiting for this build report it too
                     f.write(str(e))
             raise
-        finally:
-            with contextlib.suppress(FileNotFoundError):  # a process waiting on it finds the entry once it gets it
-                os.remove(lock.name)
-    log.info(f"{path}: tokenized by rank {rank} with {workers} worker(s) in {time.perf_counter() - started:.1f} s "
-             f"into the cache {entry}")
-    return entry
+    log.info(f"{path}: tokenized by rank {process_rank()} with {workers} worker(s) in "
+             f"{time.perf_counter() - started:.1f} s into the cache {entry}")
+    return read_tokenized(entry)
+
+
+def read_cache_entry(path, entry, set_aside) -> Optional[Tokenized]:
+    """An entry, checked; a damaged one is None, and with `set_aside` (its builder's lock held) moved out of the
+    way and removed, with one line saying why."""
+    try:
+        tokenized = read_tokenized(entry)
+    except DamagedEntry as e:
+        if set_aside:
+            aside = f"{entry}.damaged-{os.getpid()}"
+            os.rename(entry, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+            log.warning(f"{path}: the cached tokens in {entry} are damaged ({e}); removed, tokenizing again")
+        return None
+    rank_log.info(f"rank {process_rank()}: {path}: loaded the tokenized data from the cache {entry}")
+    return tokenized
+
+
+def read_tokenized(folder) -> Tokenized:
+    """A tokenized folder's meta.json and arrays, memory-mapped, after checking that they are what its build wrote:
+    the format version, each array's size and checksum against meta.json, and the arrays against each other
+    (offsets that start at 0, grow, and end at the number of tokens). Raises DamagedEntry saying what is wrong."""
+    try:
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise DamagedEntry("it has no meta.json") from None
+    except (OSError, ValueError) as e:
+        raise DamagedEntry(f"its meta.json cannot be read ({first_line(e)})") from None
+    if not isinstance(meta, dict) or meta.get("version") != TOKENIZED_FORMAT_VERSION:
+        raise DamagedEntry("its meta.json is not of this version's format")
+    try:
+        arrays = {name: read_array(folder, name, dtype, meta["arrays"][name]) for name, dtype in
+                  TOKENIZED_ARRAYS.items()}
+        samples, dropped = int(meta["samples"]), int(meta["dropped"])
+        int(meta["empty_assistant"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DamagedEntry(f"its meta.json lacks {first_line(e)}") from None
+    offsets, tokens = arrays["offsets"], len(arrays["input_ids"])
+    if (len(offsets) != samples + 1 or offsets[0] != 0 or offsets[-1] != tokens or len(arrays["labels"]) != tokens
+            or not (np.diff(offsets) > 0).all() or len(arrays["full_lengths"]) != samples + dropped):
+        raise DamagedEntry("its arrays do not fit each other")
+    return Tokenized(meta, arrays)
+
+
+def read_array(folder, name, dtype, expected):
+    """One array file, memory-mapped, if its size and CRC-32 are those recorded (about 6 GB/s: a 1M-sample entry
+    is checked in a tenth of a second)."""
+    path = os.path.join(folder, f"{name}.bin")
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise DamagedEntry(f"{name}.bin is missing") from None
+    if size != expected["bytes"]:
+        raise DamagedEntry(f"{name}.bin holds {size:,} bytes, not the {expected['bytes']:,} written")
+    array = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
+    if zlib.crc32(memoryview(array).cast("B") if size else b"") != expected["crc32"]:
+        raise DamagedEntry(f"{name}.bin does not hold the bytes written (checksum)")
+    return array
+
+
+def writable_folder(folder):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def file_identity(path):
+    """What changes whenever a file is written: its size, times and inode (for a dataset id, its cached files')."""
+    files = [f["filename"] for f in load_hub_dataset(path).cache_files] if path.startswith(HUB_PREFIX) else [path]
+    return [(s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino) for s in map(os.stat, files)]
+
+
+def fresh_data_fingerprint(path):
+    """The content hash of one source part read again now, not the one remembered for this process."""
+    file_digest.cache_clear()
+    return data_fingerprint([path])
 
 
 def publish(building, entry):
@@ -1680,48 +2078,78 @@ def publish(building, entry):
         shutil.rmtree(building, ignore_errors=True)
 
 
-def wait_for_cache_entry(path, entry, rank):
-    waited = time.perf_counter()
-    while not os.path.isdir(entry):
+def remove_killed_builds(cache_dir, own):
+    """Remove what builds killed before they finished left behind: a `.building-` folder whose entry's lock nobody
+    holds (a live builder holds it from start to end; `own` is the lock this process holds)."""
+    for name in os.listdir(cache_dir):
+        entry, marker, _ = name.partition(".building-")
+        if not marker or not os.path.isdir(os.path.join(cache_dir, name)):
+            continue
+        lock_path = os.path.join(cache_dir, entry + ".lock")
+        try:
+            with contextlib.nullcontext() if lock_path == own.name else locked_file(lock_path, waiting=None):
+                shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
+            log.info(f"removed {name} from the cache: a build that was killed before it finished")
+        except BlockingIOError:
+            pass  # being built now
+
+
+def wait_for_cache_entry(path, encoder, cache_dir) -> Tokenized:
+    """A rank other than its machine's first: wait for the entry that rank builds, saying whom it waits for (now
+    and every few minutes); follow the file if it changes meanwhile (the builder then tokenizes it again)."""
+    waited, said, rank = time.perf_counter(), 0.0, process_rank()
+    identity, entry = None, None
+    while True:
+        if file_identity(path) != identity:
+            identity = file_identity(path)
+            file_digest.cache_clear()
+            entry = os.path.join(cache_dir, tokenized_cache_entry(path, encoder))
+        if os.path.isdir(entry) and (tokenized := read_cache_entry(path, entry, set_aside=False)):
+            rank_log.info(f"rank {rank}: {path}: the cache entry {entry}, which local rank 0 built, is ready (waited "
+                          f"{time.perf_counter() - waited:.1f} s)")
+            return tokenized
         if os.path.exists(entry + ".error"):
             with open(entry + ".error") as f:
                 raise DataError(f.read())
+        if time.perf_counter() - said > WAIT_REPORT_SECONDS:
+            said = time.perf_counter()
+            rank_log.info(f"rank {rank}: waiting for local rank 0 to tokenize {path} into {entry}")
         time.sleep(0.5)
-    rank_log.info(f"rank {rank}: {path}: loaded the tokenized data from the cache {entry}, which local rank 0 built "
-                  f"(waited {time.perf_counter() - waited:.1f} s)")
-    return entry
 
 
 def build_tokenized(path, encoder, folder, num_workers, batch_size):
-    """Tokenize `path` into `folder` (TOKENIZED_ARRAYS as raw files, meta.json last), in up to `num_workers`
-    processes that each take a contiguous run of lines (or rows); the result is the same for any number of workers.
-    Returns how many worked (a file under 1 MB is not split)."""
+    """Tokenize `path` into `folder` (TOKENIZED_ARRAYS as raw files, meta.json with their sizes and checksums last),
+    in up to `num_workers` processes that each take a contiguous run of lines (or rows); the result is the same for
+    any number of workers. Returns how many worked (a file under 1 MB is not split)."""
     parts = split_into_line_runs(path, num_workers)
     if len(parts) == 1:
         results = [tokenize_part(path, encoder, folder, 0, parts[0], batch_size)]
     else:
         context = multiprocessing.get_context("fork")  # the workers inherit the tokenizer instead of reloading it
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-        with context.Pool(len(parts), initializer=_set_worker_encoder, initargs=(encoder,)) as pool:
+        with context.Pool(len(parts), initializer=start_tokenizing_worker, initargs=(encoder,)) as pool:
             results = pool.starmap(tokenize_part_in_worker,
                                    [(path, folder, k, part, batch_size) for k, part in enumerate(parts)])
-    meta = {"source": path, "dropped": sum(r["dropped"] for r in results),
-            "empty_assistant": sum(r["empty_assistant"] for r in results)}
+    meta = {"version": TOKENIZED_FORMAT_VERSION, "source": path, "dropped": sum(r["dropped"] for r in results),
+            "empty_assistant": sum(r["empty_assistant"] for r in results), "arrays": {}}
     offset_base = 0
     for name in TOKENIZED_ARRAYS:
+        checksum, size = 0, 0
         with open(os.path.join(folder, f"{name}.bin"), "wb") as out:
             for k, result in enumerate(results):
                 part_file = os.path.join(folder, f"{name}.part{k}")
                 if name == "offsets":  # each part counts from 0: shift, and keep a single leading 0
                     offsets = np.fromfile(part_file, dtype=np.int64)
-                    (offsets[(1 if k else 0):] + offset_base).tofile(out)
+                    chunk = (offsets[(1 if k else 0):] + offset_base).tobytes()
                     offset_base += int(offsets[-1])
                 else:
                     with open(part_file, "rb") as part:
-                        shutil.copyfileobj(part, out)
+                        chunk = part.read()
+                out.write(chunk)
+                checksum, size = zlib.crc32(chunk, checksum), size + len(chunk)
                 os.remove(part_file)
-    meta["sizes"] = [(np.dtype(dtype).name, os.path.getsize(os.path.join(folder, f"{name}.bin")))
-                     for name, dtype in TOKENIZED_ARRAYS.items()]
+        meta["arrays"][name] = {"bytes": size, "crc32": checksum}
+    meta["samples"] = meta["arrays"]["offsets"]["bytes"] // 8 - 1
     with open(os.path.join(folder, "meta.json"), "w") as f:
         json.dump(meta, f)
     return len(parts)
@@ -1757,9 +2185,14 @@ def split_into_line_runs(path, parts):
 _worker_encoder = None
 
 
-def _set_worker_encoder(encoder):
+def start_tokenizing_worker(encoder):
+    """A pool worker: it keeps the parent's tokenizer, ends when the parent does (even killed), and leaves signals
+    to the parent (the pool stops its workers with SIGTERM, which the parent's handler must not report)."""
     global _worker_encoder
     _worker_encoder = encoder
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    end_with_parent()
 
 
 def tokenize_part_in_worker(path, folder, k, part, batch_size):
@@ -1852,6 +2285,9 @@ def make_dataset(specs, encoder, data_args, seed=0, lazy=None):
                     SupervisedDataset(path, encoder, cache_dir=data_args.data_cache_dir,
                                       num_workers=data_args.preprocessing_num_workers) for path in source.parts]
         sizes = np.array([len(d) for d in datasets])
+        if isinstance(source.take, float) and sizes.sum() and round(source.take * sizes.sum()) == 0:
+            raise UserError(f"--data_path {source.spec}: that fraction of its {sizes.sum():,} kept samples is none; "
+                            "take a larger fraction or a count")
         chosen = choose_samples(int(sizes.sum()), source.take, np.random.default_rng([seed, k]))
         which = np.searchsorted(np.cumsum(sizes), chosen, side="right")
         part_of.append(which + len(parts))
@@ -1859,7 +2295,7 @@ def make_dataset(specs, encoder, data_args, seed=0, lazy=None):
         parts += datasets
         reports.append(report_source(source, datasets, len(chosen)))
     dataset = MixedDataset(parts, np.concatenate(part_of), np.concatenate(index_in_part), reports)
-    if len(dataset) == 0:
+    if len(dataset) == 0:  # every source held samples: they were all dropped
         raise DataError(f"{', '.join(specs)}: every sample was dropped ({DROP_REASON_TRUNCATED}); raise "
                         "--model_max_length")
     return dataset
@@ -1880,7 +2316,8 @@ def report_source(source, datasets, taken):
     dropped, empty_assistant = sum(d.dropped for d in datasets), sum(d.empty_assistant for d in datasets)
     kept = sum(len(d) for d in datasets)
     why = f" ({dropped} with {DROP_REASON_TRUNCATED})" if dropped else ""
-    line = f"{source.spec}: {kept + dropped:,} read, {kept:,} kept, {dropped:,} dropped{why}, {taken:,} taken"
+    files = f" from {source.matched_files} file(s)" if source.matched_files is not None else ""
+    line = f"{source.spec}: {kept + dropped:,} read{files}, {kept:,} kept, {dropped:,} dropped{why}, {taken:,} taken"
     log.warning(line) if dropped else log.info(line)
     if empty_assistant:
         log.warning(f"{source.spec}: {empty_assistant} sample(s) with {NOTICE_EMPTY_ASSISTANT}")
@@ -1927,12 +2364,28 @@ class MixedDataset(Dataset):
 
 
 class ExampleSubset(torch.utils.data.Subset):
-    """Part of a dataset (the --val_size split) that keeps the lengths --group_by_length needs."""
+    """Part of a dataset (a side of the --val_size split): its own samples, lengths (for --group_by_length) and
+    trained tokens; the whole set's reading report (what was read, dropped, and the lengths before truncation)."""
 
     @property
     def lengths(self):
         lengths = self.dataset.lengths
         return [lengths[i] for i in self.indices]
+
+    def example(self, i):
+        return self.dataset.example(self.indices[i])
+
+    @property
+    def examples(self):
+        return (self.example(i) for i in range(len(self)))
+
+    def trained_tokens(self):
+        return sum(int((np.asarray(example["labels"]) != IGNORE_INDEX).sum()) for example in self.examples)
+
+    def __getattr__(self, name):  # reports, dropped, empty_assistant, full_lengths: the whole set's
+        if name in ("reports", "dropped", "empty_assistant", "full_lengths"):
+            return getattr(self.dataset, name)
+        raise AttributeError(name)
 
 
 def split_off_validation(dataset, val_size, seed):
@@ -2065,9 +2518,12 @@ def write_tokenized(dataset, path):
             f.write(json.dumps(as_lists(example)) + "\n")
 
 
-def preview(dataset, tokenizer, output_dir):
+def preview(dataset, tokenizer, output_dir, held_out=0):
     dump_path = os.path.join(output_dir, "tokenized_train.jsonl")
     write_tokenized(dataset, dump_path)
+    if held_out:
+        print(f"{held_out:,} samples are held out for evaluation (--val_size); the counts of kept samples and tokens "
+              "and the dump below are of the samples trained")
     print(describe_dataset(dataset))
     print("\n" + length_histogram(dataset.full_lengths, tokenizer.model_max_length))
     if len(dataset):
@@ -2114,6 +2570,8 @@ def load_model(model_args, training_args, lora_args):
     load_kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code}
     if model_args.attn_implementation:
         load_kwargs["attn_implementation"] = model_args.attn_implementation
+    if model_args.experts_implementation:
+        load_kwargs["experts_implementation"] = model_args.experts_implementation
     if model_args.rope_scaling:
         load_kwargs["config"] = with_yarn(model_args)
     if lora_args.q_lora:
@@ -2143,6 +2601,8 @@ def load_model(model_args, training_args, lora_args):
         model = add_lora(model, training_args, lora_args)
     else:
         freeze_all_but_the_language_model(model)
+    if uses_zero3():
+        gather_expert_blocks_whole(model)
     log_trainable_parameters(model)
     return model
 
@@ -2304,6 +2764,7 @@ def lora_targets(model, lora_args):
     experts = sorted({".".join(name.split(".")[-2:]) for name, p in decoder.named_parameters()
                       if name.startswith("layers.") and name.split(".")[-2] == EXPERTS
                       and len(getattr(p, "ds_shape", p.shape)) == 3})  # [experts, out, in] each
+    routers = sorted({f"{name.rsplit('.', 1)[-1]}.gate.weight" for name, module in in_layers if is_expert_block(module)})
     requested = lora_args.lora_target_modules
     if requested == ["all-linear"]:
         modules, parameters = sorted(linear - set(LORA_LEFT_OUT)), experts
@@ -2314,11 +2775,62 @@ def lora_targets(model, lora_args):
                             f"model (its projections: {', '.join(sorted(linear))}"
                             f"{f'; {EXPERTS} for its fused expert weights' if experts else ''})")
         modules, parameters = [name for name in requested if name != EXPERTS], experts if EXPERTS in requested else []
+    if lora_args.lora_router:
+        parameters = [*parameters, *routers]
     in_decoder = {id(module) for _, module in in_layers}
     # Same-named projections elsewhere (a vision tower's) stay as they are.
     elsewhere = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
                  and id(module) not in in_decoder and name.rsplit(".", 1)[-1] in modules]
     return {"target_modules": modules, "target_parameters": parameters or None, "exclude_modules": elsewhere or None}
+
+
+def check_lora_targets(model_config, lora_args):
+    """--lora_target_modules resolved at start-up on the model's skeleton (its modules on the meta device, no
+    weights): a name that matches nothing stops the run before the data is tokenized and the weights load."""
+    mapping = model_class(model_config)._model_mapping  # the auto class's: model type -> class
+    if not lora_args.use_lora or lora_args.lora_weight_path or type(model_config) not in mapping:
+        return  # a model with code of its own: its targets are checked when it loads
+    with torch.device("meta"):  # the class itself: from_config would build it under ZeRO-3's partitioning
+        skeleton = mapping[type(model_config)](model_config)
+    lora_targets(skeleton, lora_args)
+
+
+def is_expert_block(module):
+    """A mixture-of-experts block (Qwen's ...SparseMoeBlock): its router `gate` and its fused `experts`."""
+    return isinstance(getattr(module, EXPERTS, None), torch.nn.Module) and hasattr(module, "gate")
+
+
+def is_moe(config):
+    return bool(getattr(config.get_text_config(), "num_experts", 0))
+
+
+def router_aux_loss_coef(config, training_args):
+    """The weight of the router's load-balancing loss in ours: --router_aux_loss_coef, else the model's own."""
+    if not is_moe(config):
+        return 0.0
+    if training_args.router_aux_loss_coef is not None:
+        return training_args.router_aux_loss_coef
+    return float(getattr(config.get_text_config(), "router_aux_loss_coef", 0.0) or 0.0)
+
+
+def check_moe_flags(model_config, model_args, training_args, lora_args):
+    """The MoE flags only on a model with experts; a router loss only where ours is exact."""
+    if not is_moe(model_config):
+        given = [flag for flag, value in (("--router_aux_loss_coef", training_args.router_aux_loss_coef),
+                                          ("--lora_router", lora_args.lora_router or None),
+                                          ("--experts_implementation", model_args.experts_implementation))
+                 if value is not None]
+        if given:
+            raise UserError(f"{given[0]}: this model ({model_config.model_type}) has no experts; drop the flag")
+        return
+    if router_aux_loss_coef(model_config, training_args) and training_args.sequence_parallel_size > 1:
+        # Each rank would balance its own slice of a sequence, which is not the balance over the whole sequence.
+        raise UserError(f"--sequence_parallel_size {training_args.sequence_parallel_size}: the router's "
+                        "load-balancing loss cannot be computed over split sequences; add --router_aux_loss_coef 0 "
+                        "to train without it, or train without sequence parallelism")
+    if lora_args.lora_router and not lora_args.use_lora:
+        raise UserError("--lora_router adapts the router with LoRA: it needs --use_lora (full fine-tuning trains "
+                        "the router anyway)")
 
 
 def apply_lora_dropout(model, p):
@@ -2332,7 +2844,7 @@ def apply_lora_dropout(model, p):
     for module in layers:
         if not isinstance(module, peft.tuners.lora.ParamWrapper):
             for name in module.lora_dropout:
-                module.lora_dropout[name] = torch.nn.Dropout(p)
+                module.lora_dropout[name] = torch.nn.Dropout(p).train(module.training)
     log.info(f"--lora_dropout {p}: applied to the adapters of attention and MLP projections; the expert adapters "
              "train without dropout (peft cannot apply it to adapters of parameters)")
 
@@ -2351,7 +2863,16 @@ class CausalLMLoss:
     """The Trainer's `compute_loss_func`: next-token cross-entropy summed over the trained positions of a micro-batch
     and divided by the trained tokens of the whole accumulated step (num_items_in_batch), so that a step's loss is
     the mean over its trained tokens however they fall into micro-batches. (A model's own loss is that only when
-    it takes num_items_in_batch; Qwen3.5's multimodal class does not, and averages per micro-batch.)"""
+    it takes num_items_in_batch; Qwen3.5's multimodal class does not, and averages per micro-batch.)
+
+    On a MoE model, plus `router_aux_loss_coef` x the router's load-balancing loss (the model's own, from the
+    router logits it returns when asked), weighted like the rest by the micro-batch's trained tokens: a step adds
+    the coefficient times the token-weighted mean of its micro-batches' balancing losses, and a lone batch gets
+    exactly the model's own loss + coefficient x balancing loss."""
+
+    def __init__(self, router_aux_loss_coef=0.0):
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.router_aux_loss = None  # (the last micro-batch's balancing loss, its trained tokens), for the logs
 
     def __call__(self, outputs, labels, num_items_in_batch=None):
         next_tokens = labels[:, 1:]  # position i predicts token i + 1
@@ -2360,8 +2881,17 @@ class CausalLMLoss:
         return self.summed_loss(outputs, next_tokens) / num_items_in_batch
 
     def summed_loss(self, outputs, next_tokens):
-        """--chunked_loss false: from the logits of every position. next_tokens[b, i]: the token that position i of
-        row b predicts, or IGNORE_INDEX."""
+        """The cross-entropy summed over trained positions, plus the router's term. next_tokens[b, i]: the token
+        that position i of row b predicts, or IGNORE_INDEX."""
+        total = self.summed_cross_entropy(outputs, next_tokens)
+        if self.router_aux_loss_coef:
+            trained = (next_tokens != IGNORE_INDEX).sum()
+            total = total + self.router_aux_loss_coef * outputs.aux_loss.to(total.dtype) * trained
+            self.router_aux_loss = (outputs.aux_loss.detach(), trained)
+        return total
+
+    def summed_cross_entropy(self, outputs, next_tokens):
+        """--chunked_loss false: from the logits of every position."""
         logits = outputs.logits[:, :next_tokens.shape[1]]
         return F.cross_entropy(logits.float().flatten(0, 1), next_tokens.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
@@ -2375,7 +2905,8 @@ class ChunkedCausalLMLoss(CausalLMLoss):
     positions whose next token is trained, and scores them `chunk_size` at a time (ChunkedCrossEntropy), so its
     memory grows with the chunk, not with the batch."""
 
-    def __init__(self, model, chunk_size):
+    def __init__(self, model, chunk_size, router_aux_loss_coef=0.0):
+        super().__init__(router_aux_loss_coef)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft
         self.lm_head = base.get_output_embeddings()  # under peft's modules_to_save, .weight is the trained copy
         self.chunk_size = chunk_size
@@ -2385,7 +2916,7 @@ class ChunkedCausalLMLoss(CausalLMLoss):
     def _keep_hidden_states(self, module, inputs, output):
         self.hidden_states = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
-    def summed_loss(self, outputs, next_tokens):
+    def summed_cross_entropy(self, outputs, next_tokens):
         """From the hidden states of the forward just run (the model was asked for no logits)."""
         hidden_states, self.hidden_states = self.hidden_states, None  # [batch, positions, hidden]
         trained = next_tokens != IGNORE_INDEX
@@ -2587,13 +3118,17 @@ class FinetuneTrainer(transformers.Trainer):
             # checkpoint is not its language model's (set_use_cache did that) and would reach the saved config as a
             # key the checkpoint never had. It can go when the Trainer sets the text config's.
             delattr(config, "use_cache")
-        self.compute_loss_func = CausalLMLoss()
+        router_coef = router_aux_loss_coef(config, self.args)
+        self.compute_loss_func = CausalLMLoss(router_coef)
         if self.args.chunked_loss and self.args.n_gpu > 1:
             # One process driving several GPUs (DataParallel): each replica would overwrite the hidden states.
             log.warning("several GPUs in one process: the chunked loss is off; launch with torchrun or the "
                         "launchers (one process per GPU) to keep it")
         elif self.args.chunked_loss:
-            self.compute_loss_func = ChunkedCausalLMLoss(self.model, self.args.loss_chunk_size)
+            self.compute_loss_func = ChunkedCausalLMLoss(self.model, self.args.loss_chunk_size, router_coef)
+        if router_coef:
+            log.info(f"the router's load-balancing loss is part of the loss, weighted {router_coef:g} "
+                     "(--router_aux_loss_coef); logged as router_aux_loss")
         self.sequence_parallel = self.args.sequence_parallel_size
         if self.sequence_parallel > 1:
             self.loss_is_scaled_for_ga = True  # sequence_parallel_loss divides by the whole step's trained tokens
@@ -2602,6 +3137,7 @@ class FinetuneTrainer(transformers.Trainer):
         self.add_callback(self.divergence)
         self._tokens = self._trained_tokens = 0  # this device's, since the last log
         self._total_tokens = self._total_trained_tokens = 0
+        self._router_loss = self._router_weight = 0.0  # the trained-token-weighted balancing loss since the last log
         self._window_start = None  # first training step after the previous log
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -2615,9 +3151,17 @@ class FinetuneTrainer(transformers.Trainer):
             # The chunked loss projects the trained positions itself: the model keeps no logits at all.
             no_positions = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
             inputs = {**inputs, "logits_to_keep": no_positions}
+        if self.compute_loss_func.router_aux_loss_coef:
+            inputs = {**inputs, "output_router_logits": True}  # the model then computes its balancing loss
         if model.training and self.sequence_parallel > 1:  # Sequence parallelism: this rank holds slices
             return self.sequence_parallel_loss(model, inputs, num_items_in_batch, return_outputs)
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training and self.compute_loss_func.router_aux_loss is not None:
+            router_loss, trained = self.compute_loss_func.router_aux_loss
+            self._router_loss += float(router_loss) * int(trained)
+            self._router_weight += int(trained)
+        self.compute_loss_func.router_aux_loss = None
+        return result
 
     def train(self, *args, **kwargs):
         # Sequence parallelism: resuming mid-epoch must skip batches under DeepSpeed's data loader adapter.
@@ -2667,6 +3211,10 @@ class FinetuneTrainer(transformers.Trainer):
             for key in ("loss", "train_loss"):
                 if key in logs:
                     logs[key] *= self.args.world_size / self.sequence_parallel_weight
+        if "loss" in logs and self.compute_loss_func.router_aux_loss_coef:
+            router_loss, weight = sum_over_ranks([self._router_loss, self._router_weight], self.args.device)
+            self._router_loss = self._router_weight = 0.0
+            logs["router_aux_loss"] = round(router_loss / max(weight, 1), 6)
         if "loss" in logs or "train_runtime" in logs:
             tokens, trained = int(self._tokens), int(self._trained_tokens)
             self._tokens = self._trained_tokens = 0
@@ -2745,11 +3293,15 @@ def train(argv=None):
         model_config = check_model_files(model_args)
         setup_sequence_parallelism(training_args, model_args.attn_implementation, model_config)
         check_packing(model_config, model_args.attn_implementation, training_args.packing)
+        check_moe_flags(model_config, model_args, training_args, lora_args)
+        check_lora_targets(model_config, lora_args)
     encoder = ChatEncoder(tokenizer, training_args.model_max_length, data_args.system_message,
                           data_args.template, data_args.chat_template_kwargs)
     if data_args.preprocess_only:
-        preview(make_dataset(data_args.data_path, encoder, data_args, training_args.seed, lazy=False), tokenizer,
-                training_args.output_dir)
+        dataset, held_out = make_dataset(data_args.data_path, encoder, data_args, training_args.seed, lazy=False), []
+        if data_args.val_size:  # the same split as training, so that held-out samples are not shown as trained
+            dataset, held_out = split_off_validation(dataset, data_args.val_size, training_args.seed)
+        preview(dataset, tokenizer, training_args.output_dir, held_out=len(held_out))
         return
     train_dataset = make_dataset(data_args.data_path, encoder, data_args, training_args.seed)
     eval_dataset = None

@@ -1,6 +1,6 @@
 """Throughput of the ways to batch and score SFT data, side by side in one run, on the CPU.
 
-    python benchmarks/throughput.py [--samples 12] [--modes abcdefgh] [--workdir /tmp/qwen-finetune-bench]
+    python benchmarks/throughput.py [--samples 12] [--modes abcdefghijk] [--workdir /tmp/qwen-finetune-bench]
 
 One random-weight Qwen2 model (hidden 256, 4 layers, the real 151,680-entry vocabulary: ~42M parameters) and one
 synthetic data set (token lengths log-normal, median ~300, capped at 2048; 40% prompt, 60% answer) are built once;
@@ -13,6 +13,9 @@ gives real (non-pad) tokens/s, trained tokens/s, peak resident memory and the ra
 And on a Qwen3.5-style hybrid of the same width (three Gated DeltaNet linear-attention layers to one attention
 layer, a multimodal checkpoint with a small vision tower), both with the chunked loss:
   (g) pad each batch to its longest sample          (h) --packing, each sample kept apart in the linear layers
+And on a Qwen3-MoE of the same width (8 experts of width 352, 2 per token: the active MLP is the dense one's),
+with packing and the chunked loss, the experts run three ways (--experts_implementation):
+  (i) eager, a loop over the experts              (j) grouped_mm                (k) batched_mm
 Then the loss alone at 8 x 1024 tokens: peak memory of the standard loss and of the chunked loss, forward+backward.
 
 MFU (model FLOPs utilisation): the model's own training FLOPs per second over the peak of a large fp32 matmul
@@ -21,7 +24,8 @@ real token, plus causal attention (6 x layers x heads x head_dim x length^2 per 
 backward, half the square), plus lm_head (6 x hidden x vocabulary) for every trained position, the positions a
 fine-tuning loss has to score. Pads, untrained positions' logits and recomputation count as overhead, not work.
 For the hybrid, only its language model's parameters count, and attention only in its attention layers (a linear
-layer's work per token is in its parameters' count, near enough).
+layer's work per token is in its parameters' count, near enough). For the MoE, only the parameters a token uses:
+everything but the experts, plus 2 of the 8 experts.
 """
 import argparse
 import json
@@ -48,8 +52,11 @@ MODES = {
     "f": "TRL SFTTrainer, packing",
     "g": "hybrid: dynamic padding",
     "h": "hybrid: packing, samples kept apart",
+    "i": "MoE: experts eager (a loop)",
+    "j": "MoE: experts grouped_mm",
+    "k": "MoE: experts batched_mm",
 }
-HYBRID_MODES = "gh"
+HYBRID_MODES, MOE_MODES = "gh", "ijk"
 WORDS = ("the of and a to in is you that it he was for on are as with his they at be this from have or by one had "
          "not but what all were when we there can an your which their said if do will each about how up out them "
          "then she many some so these would other into has more her two like him see time could no make than first "
@@ -86,6 +93,11 @@ def build(workdir, samples, seed=0):
     transformers.AutoModelForImageTextToText.from_config(hybrid, dtype=torch.float32).save_pretrained(
         os.path.join(workdir, "hybrid"))
     tokenizer.save_pretrained(os.path.join(workdir, "hybrid"))
+    moe = transformers.Qwen3MoeConfig(**{**shape, "intermediate_size": 704}, num_experts=8, num_experts_per_tok=2,
+                                      moe_intermediate_size=352, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(moe, dtype=torch.float32).save_pretrained(os.path.join(workdir, "moe"))
+    tokenizer.save_pretrained(os.path.join(workdir, "moe"))
 
     rng = random.Random(seed)
     with open(os.path.join(workdir, "data.jsonl"), "w") as f:
@@ -121,7 +133,7 @@ def run_mode(mode, workdir):
     import torch
 
     torch.manual_seed(0)
-    model_dir = os.path.join(workdir, "hybrid" if mode in HYBRID_MODES else "model")
+    model_dir = os.path.join(workdir, "hybrid" if mode in HYBRID_MODES else "moe" if mode in MOE_MODES else "model")
     data = os.path.join(workdir, "data.jsonl")
     if mode == "f":
         return run_trl(model_dir, data, workdir)
@@ -129,8 +141,10 @@ def run_mode(mode, workdir):
             "--model_max_length", str(MAX_LENGTH), "--per_device_train_batch_size", str(BATCH),
             "--num_train_epochs", "1", "--learning_rate", "1e-4", "--save_strategy", "no", "--logging_steps", "1000",
             "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true",
-            "--chunked_loss", str(mode in "egh").lower(), "--packing", str(mode in "deh").lower(),
+            "--chunked_loss", str(mode in "egh" + MOE_MODES).lower(), "--packing", str(mode in "deh" + MOE_MODES).lower(),
             "--group_by_length", str(mode == "c").lower()]
+    if mode in MOE_MODES:
+        argv += ["--experts_implementation", {"i": "eager", "j": "grouped_mm", "k": "batched_mm"}[mode]]
     model_args, data_args, training_args, lora_args = finetune.parse_arguments(argv)
     tokenizer = finetune.load_tokenizer(model_args, training_args)
     encoder = finetune.ChatEncoder(tokenizer, MAX_LENGTH, data_args.system_message, data_args.template)
@@ -237,6 +251,20 @@ def model_flops(config, params, result, embeddings=1):
     return dense + attention + lm_head
 
 
+def active_size(model_dir):
+    """(decoder config, parameters one token uses: all but the experts, plus top-k of them; embedding matrices)."""
+    import transformers
+
+    import torch
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(model_dir))
+    config = model.config
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    total = sum(p.numel() for p in model.parameters())
+    return config.to_dict(), total - experts + experts * config.num_experts_per_tok // config.num_experts, 1
+
+
 def language_model_size(model_dir):
     """(its decoder config, parameters of its language model and lm_head, embedding matrices among them)."""
     import transformers
@@ -278,7 +306,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=12)
     parser.add_argument("--workdir", default="/tmp/qwen-finetune-bench")
-    parser.add_argument("--modes", default="abcdefgh")
+    parser.add_argument("--modes", default="abcdefghijk")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -295,20 +323,26 @@ def main():
     if "error" not in peak:
         print(f"peak of an fp32 2048 x 2048 matmul on this machine: {peak['flops_per_second'] / 1e9:.1f} GFLOP/s\n")
     hybrid = language_model_size(os.path.join(args.workdir, "hybrid"))
+    moe = active_size(os.path.join(args.workdir, "moe"))
     first = {}  # the first row of each model's table: what its ratios are against
     print(f"{'mode':<40} {'real tok/s':>10} {'trained tok/s':>13} {'peak RSS MB':>11} {'x first':>7} {'MFU':>6}")
     for mode in args.modes:
-        if mode == HYBRID_MODES[0] or (mode in HYBRID_MODES and "hybrid" not in first):
+        if mode in HYBRID_MODES and "hybrid" not in first and "hybrid header" not in first:
+            first["hybrid header"] = True
             print(f"\nthe Qwen3.5-style hybrid of the same width: {hybrid[1] / 1e6:.1f}M language-model parameters "
                   "(lm_head untied), 3 linear-attention layers to 1 attention layer")
+        if mode in MOE_MODES and "moe header" not in first:
+            first["moe header"] = True
+            print(f"\nthe Qwen3-MoE of the same width: {moe[1] / 1e6:.1f}M parameters active per token")
         result = run_child(mode, args.workdir)
         if "error" in result:
             print(f"({mode}) {MODES[mode]:<36} failed: {result['error'][:120]}")
             continue
         real = result["real_tokens"] / result["seconds"]
         trained = (result["trained_tokens"] or 0) / result["seconds"]
-        base = first.setdefault("hybrid" if mode in HYBRID_MODES else "dense", real)
-        model_config, model_params, embeddings = hybrid if mode in HYBRID_MODES else (config, params, 1)
+        family = "hybrid" if mode in HYBRID_MODES else "moe" if mode in MOE_MODES else "dense"
+        base = first.setdefault(family, real)
+        model_config, model_params, embeddings = {"hybrid": hybrid, "moe": moe}.get(family, (config, params, 1))
         flops = model_flops(model_config, model_params, result, embeddings)
         mfu = f"{flops / result['seconds'] / peak['flops_per_second']:>6.1%}" if "error" not in peak else f"{'-':>6}"
         print(f"({mode}) {MODES[mode]:<36} {real:>10.1f} {trained:>13.1f} {result['peak_rss_mb']:>11.0f} "

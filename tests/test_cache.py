@@ -1,9 +1,13 @@
 """The tokenized-data cache: built once per data version, keyed on content, safe under crashes and concurrency,
 read memory-mapped; and the parallel build, identical to one worker."""
 import json
+import logging
 import multiprocessing
 import os
 import shutil
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -157,12 +161,13 @@ def test_two_jobs_building_the_same_entry_at_once_end_with_one_valid_entry(token
                 finetune.SupervisedDataset(big_file, make_encoder(tokenizer)))
 
 
-def test_a_waiting_rank_reports_the_builders_data_error(tmp_path):
-    entry = str(tmp_path / "abc")
-    with open(entry + ".error", "w") as f:
+def test_a_waiting_rank_reports_the_builders_data_error(tokenizer, tmp_path):
+    path, encoder = write_jsonl(tmp_path / "train.jsonl", SAMPLES[:2]), make_encoder(tokenizer)
+    entry = tmp_path / finetune.tokenized_cache_entry(path, encoder)
+    with open(f"{entry}.error", "w") as f:
         f.write("train.jsonl line 7: message 0 has unknown role 'bot'")
     with pytest.raises(finetune.DataError, match="^train.jsonl line 7: message 0 has unknown role 'bot'$"):
-        finetune.wait_for_cache_entry("train.jsonl", entry, rank=1)
+        finetune.wait_for_cache_entry(path, encoder, str(tmp_path))
 
 
 def test_the_lazy_length_estimate_is_on_the_scale_of_tokens(tokenizer, tmp_path):
@@ -173,3 +178,189 @@ def test_the_lazy_length_estimate_is_on_the_scale_of_tokens(tokenizer, tmp_path)
     lazy, eager = finetune.LazySupervisedDataset(path, encoder), finetune.SupervisedDataset(path, encoder)
     for estimate, tokens in zip(lazy.lengths, eager.lengths):
         assert tokens / 2 <= estimate <= tokens * 2, (estimate, tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Verified before it is served: damaged entries, keys, bytes, killed builds, waiting
+# ---------------------------------------------------------------------------------------------------------
+
+def damage_entry(entry, damage):
+    path = lambda name: os.path.join(entry, name)  # noqa: E731
+    if damage == "truncated tokens":
+        os.truncate(path("input_ids.bin"), os.path.getsize(path("input_ids.bin")) - 8)
+    elif damage == "labels replaced by another array":  # same size: only the checksum can tell
+        shutil.copy(path("input_ids.bin"), path("labels.bin"))
+    elif damage == "odd size":
+        with open(path("offsets.bin"), "ab") as f:
+            f.write(b"\0")
+    elif damage == "missing file":
+        os.remove(path("full_lengths.bin"))
+    elif damage == "empty folder":
+        for name in os.listdir(entry):
+            os.remove(path(name))
+    elif damage == "unparsable meta.json":
+        with open(path("meta.json"), "w") as f:
+            f.write('{"version": 3, "arr')
+    elif damage == "meta.json of another version":
+        meta = json.load(open(path("meta.json")))
+        json.dump({**meta, "version": 2}, open(path("meta.json"), "w"))
+    elif damage == "one flipped byte":
+        with open(path("input_ids.bin"), "r+b") as f:
+            f.seek(100)
+            byte = f.read(1)
+            f.seek(100)
+            f.write(bytes([byte[0] ^ 1]))
+
+
+DAMAGES = ["truncated tokens", "labels replaced by another array", "odd size", "missing file", "empty folder",
+           "unparsable meta.json", "meta.json of another version", "one flipped byte"]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_entry_is_set_aside_and_built_again(tokenizer, tmp_path, damage, caplog):
+    path, cache = write_jsonl(tmp_path / "d.jsonl", SAMPLES[:50]), str(tmp_path / "cache")
+    expected = finetune.SupervisedDataset(path, make_encoder(tokenizer))
+    finetune.SupervisedDataset(path, make_encoder(tokenizer), cache_dir=cache)
+    [entry] = os.listdir(cache)
+    damage_entry(os.path.join(cache, entry), damage)
+    with pytest.raises(finetune.DamagedEntry):
+        finetune.read_tokenized(os.path.join(cache, entry))
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        rebuilt = finetune.SupervisedDataset(path, make_encoder(tokenizer), cache_dir=cache)
+    assert_same(rebuilt, expected)
+    assert os.listdir(cache) == [entry]  # the damaged one is gone, the new one in its place
+    warnings = [r.message for r in caplog.records if "are damaged" in r.message]
+    assert len(warnings) == 1 and f"the cached tokens in {os.path.join(cache, entry)} are damaged" in warnings[0]
+    finetune.read_tokenized(os.path.join(cache, entry))  # and it checks out
+
+
+def test_a_rank_that_finds_a_damaged_entry_waits_for_the_one_built_again(tokenizer, tmp_path):
+    path, cache = write_jsonl(tmp_path / "d.jsonl", SAMPLES[:50]), str(tmp_path / "cache")
+    finetune.SupervisedDataset(path, make_encoder(tokenizer), cache_dir=cache)
+    [entry] = os.listdir(cache)
+    damage_entry(os.path.join(cache, entry), "truncated tokens")
+    waited = {}
+    waiter = threading.Thread(target=lambda: waited.update(
+        tokenized=finetune.wait_for_cache_entry(path, make_encoder(tokenizer), cache)))
+    waiter.start()
+    time.sleep(1.5)
+    assert waiter.is_alive()  # it does not serve the damaged entry
+    finetune.SupervisedDataset(path, make_encoder(tokenizer), cache_dir=cache)  # local rank 0 builds it again
+    waiter.join(timeout=30)
+    np.testing.assert_array_equal(waited["tokenized"].arrays["input_ids"],
+                                  finetune.SupervisedDataset(path, make_encoder(tokenizer)).input_ids)
+
+
+def tokenizer_config_with(tokenizer, tmp_path, setting, value):
+    """A copy of the tokenizer with one setting of its tokenizer_config.json changed."""
+    folder = tmp_path / f"tokenizer_{setting}"
+    tokenizer.save_pretrained(folder)
+    if setting is not None:  # (None: the same tokenizer, saved in another folder)
+        config = json.load(open(folder / "tokenizer_config.json"))
+        json.dump({**config, setting: value}, open(folder / "tokenizer_config.json", "w"))
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("setting, value", [("split_special_tokens", True), ("add_prefix_space", True)])
+def test_the_cache_key_covers_every_tokenizer_setting_that_changes_the_tokens(tokenizer, tmp_path, setting, value):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi  there"},
+                                                            {"role": "assistant", "content": "ok\n"}]}])
+    changed = tokenizer_config_with(tokenizer, tmp_path, setting, value)
+    same = tokenizer_config_with(tokenizer, tmp_path, None, None)  # only saved elsewhere
+    tokens = {name: finetune.SupervisedDataset(path, make_encoder(t))[0]["input_ids"]
+              for name, t in (("before", tokenizer), ("after", changed))}
+    assert tokens["before"] != tokens["after"]  # the setting does change what the data becomes
+    key = finetune.tokenized_cache_entry(path, make_encoder(tokenizer))
+    assert finetune.tokenized_cache_entry(path, make_encoder(changed)) != key
+    assert finetune.tokenized_cache_entry(path, make_encoder(same)) == key
+
+
+def test_an_entry_holds_the_tokens_of_the_bytes_its_name_says(tokenizer, tmp_path, monkeypatch, caplog):
+    path, cache = write_jsonl(tmp_path / "d.jsonl", SAMPLES[:30]), str(tmp_path / "cache")
+    edited = [json.dumps(sample) for sample in SAMPLES[30:60]]
+    build = finetune.build_tokenized
+
+    def edited_during_the_first_build(*args):
+        result = build(*args)
+        if edited:  # the file changes after the build has read it
+            with open(path, "w") as f:
+                f.write("\n".join(edited) + "\n")
+            edited.clear()
+        return result
+
+    monkeypatch.setattr(finetune, "build_tokenized", edited_during_the_first_build)
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        dataset = finetune.SupervisedDataset(path, make_encoder(tokenizer), cache_dir=cache)
+    assert f"{path} changed while it was being tokenized" in caplog.text
+    monkeypatch.setattr(finetune, "build_tokenized", build)
+    assert_same(dataset, finetune.SupervisedDataset(path, make_encoder(tokenizer)))  # the file as it is now
+    finetune.file_digest.cache_clear()
+    assert os.listdir(cache) == [finetune.tokenized_cache_entry(path, make_encoder(tokenizer))]
+
+    def always_edited(*args):
+        result = build(*args)
+        with open(path, "a") as f:
+            f.write(json.dumps(SAMPLES[0]) + "\n")
+        return result
+
+    monkeypatch.setattr(finetune, "build_tokenized", always_edited)
+    with open(path, "a") as f:  # new content: not in the cache yet
+        f.write(json.dumps(SAMPLES[1]) + "\n")
+    with pytest.raises(finetune.DataError, match=f"{path}: the file kept changing while it was being tokenized"):
+        finetune.SupervisedDataset(path, make_encoder(tokenizer), cache_dir=cache)
+
+
+def test_killed_builds_are_removed_by_the_next_build_and_live_ones_kept(tokenizer, tmp_path):
+    path, cache = write_jsonl(tmp_path / "d.jsonl", SAMPLES[:20]), tmp_path / "cache"
+    own = finetune.tokenized_cache_entry(path, make_encoder(tokenizer))
+    for name in (f"{own}.building-a", "deadbeef.building-b", "livebuild.building-c"):
+        os.makedirs(cache / name)
+        (cache / name / "input_ids.part0").write_bytes(b"\0" * 1000)
+    live = finetune.acquire_lock(str(cache / "livebuild.lock"))  # another job still building that one
+    try:
+        finetune.SupervisedDataset(path, make_encoder(tokenizer), cache_dir=str(cache))
+    finally:
+        live.close()
+    assert sorted(os.listdir(cache)) == sorted([own, "livebuild.building-c", "livebuild.lock"])
+
+
+def test_a_job_waiting_for_another_jobs_build_says_whom_it_waits_for(tokenizer, tmp_path, monkeypatch, caplog):
+    path, cache = write_jsonl(tmp_path / "d.jsonl", SAMPLES[:20]), tmp_path / "cache"
+    os.makedirs(cache)
+    entry = finetune.tokenized_cache_entry(path, make_encoder(tokenizer))
+    other = finetune.acquire_lock(str(cache / f"{entry}.lock"))
+    monkeypatch.setattr(finetune, "WAIT_REPORT_SECONDS", 0.2)
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        job = threading.Thread(target=finetune.SupervisedDataset, args=(path, make_encoder(tokenizer)),
+                               kwargs={"cache_dir": str(cache)})
+        job.start()
+        time.sleep(1)
+        other.close()  # the other job ends
+        job.join(timeout=60)
+    waiting = [r.message for r in caplog.records if r.message.startswith("waiting for another job")]
+    assert len(waiting) >= 2 and f"(pid {os.getpid()} on " in waiting[0]
+    assert f"that is tokenizing {path} into {cache / entry}" in waiting[0]
+
+
+def worker_state(_):
+    import ctypes
+
+    death_signal = ctypes.c_int()
+    ctypes.CDLL("libc.so.6").prctl(2, ctypes.byref(death_signal))  # PR_GET_PDEATHSIG
+    return signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), death_signal.value
+
+
+def test_tokenizing_workers_leave_signals_to_the_parent_and_end_with_it(tokenizer):
+    old = signal.signal(signal.SIGTERM, lambda *a: None)  # the parent's own handler, as finetune.main installs one
+    try:
+        with multiprocessing.get_context("fork").Pool(1, initializer=finetune.start_tokenizing_worker,
+                                                      initargs=(make_encoder(tokenizer),)) as pool:
+            assert pool.map(worker_state, [0]) == [(signal.SIG_DFL, signal.SIG_IGN, signal.SIGKILL)]
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_the_cache_folder_may_start_with_a_tilde(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = finetune.DataArguments(data_path=["d.jsonl"], data_cache_dir="~/tokens")
+    assert args.data_cache_dir == str(tmp_path / "tokens")

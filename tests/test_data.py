@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import make_encoder, write_json, write_jsonl
 from reference_labels import IGNORE, reference_ids_and_labels
+from tiny_qwen import qwen_tokenizer_dir
 
 import finetune
 
@@ -272,3 +273,23 @@ def test_preview_shows_trained_spans_and_reports_counts(tokenizer, tmp_path):
     report = finetune.describe_dataset(dataset)
     assert "samples kept: 3" in report and "samples dropped: 1" in report
     assert "1 with no trained token within --model_max_length" in report
+
+
+def test_the_preview_holds_out_the_validation_samples_training_holds_out(tokenizer, tmp_path, capsys):
+    samples = [{"messages": [{"role": "user", "content": f"question {i}"},
+                             {"role": "assistant", "content": f"answer {i}"}]} for i in range(10)]
+    path, out = write_jsonl(tmp_path / "d.jsonl", samples), tmp_path / "out"
+    try:
+        finetune.train(["--model_name_or_path", qwen_tokenizer_dir(), "--data_path", path, "--output_dir", str(out),
+                        "--preprocess_only", "true", "--val_size", "0.3", "--seed", "7", "--template", "chatml",
+                        "--data_cache_dir", "none"])
+    finally:
+        finetune.release_output_dir()
+    printed = capsys.readouterr().out
+    assert "3 samples are held out for evaluation (--val_size)" in printed and "samples kept: 7" in printed
+    dumped = [json.loads(line)["input_ids"] for line in open(out / "tokenized_train.jsonl")]
+    dataset = finetune.make_dataset([path], make_encoder(tokenizer), finetune.DataArguments(data_path=path,
+                                                                                            data_cache_dir="none"))
+    train, held_out = finetune.split_off_validation(dataset, 0.3, seed=7)
+    assert dumped == [train[i]["input_ids"] for i in range(len(train))]  # what training trains, none held out
+    assert not set(map(tuple, dumped)) & {tuple(held_out[i]["input_ids"]) for i in range(len(held_out))}

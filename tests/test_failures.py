@@ -164,13 +164,19 @@ def test_one_run_per_output_folder_and_a_dead_runs_lock_is_taken_over(tmp_path, 
     try:
         with caplog.at_level(logging.INFO, logger="finetune"):
             finetune.claim_output_dir(str(out), tiny_qwen2)
-        assert "taking over the lock of a run that ended without releasing it (pid 999999" in caplog.text
+        assert "taking over the lock of a process that ended without releasing it (pid 999999" in caplog.text
         with pytest.raises(finetune.UserError, match=rf"--output_dir {out} is in use by another run \(pid "
                                                      rf"{os.getpid()} on "):
             finetune.lock_output_dir(str(out))  # a second run: the lock is held
     finally:
         finetune.release_output_dir()
-    assert not (out / finetune.OUTPUT_LOCK).exists()
+    # Released, not removed: a run that opened the file just before cannot end up locking a file nobody else sees.
+    assert (out / finetune.OUTPUT_LOCK).read_text() == ""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        finetune.claim_output_dir(str(out), tiny_qwen2)
+    finetune.release_output_dir()
+    assert "taking over" not in caplog.text
 
 
 @pytest.mark.parametrize("damage, problem", [
@@ -385,7 +391,8 @@ def test_a_diverged_run_stops_in_one_line_logs_nan_and_saves_no_result(tiny_qwen
                                                      "finite in 2 steps in a row from step 2 on")
     assert f"newest good checkpoint: {os.path.join(out, 'checkpoint-1')}" in errors[0]
     assert "'loss': 'nan'" in result.stdout  # shown as nan, not hidden behind the average of earlier losses
-    assert sorted(os.listdir(out)) == ["checkpoint-1"]  # no result, no checkpoint of a bad step
+    # No result, no checkpoint of a bad step (the lock file of the output folder stays, released).
+    assert sorted(os.listdir(out)) == [finetune.OUTPUT_LOCK, "checkpoint-1"]
     weights = finetune.weights_file_problem(os.path.join(out, "checkpoint-1", "model.safetensors"))
     assert weights is None and finetune.checkpoint_problem(os.path.join(out, "checkpoint-1"), 1) is None
 

@@ -3,6 +3,7 @@ described in a config file."""
 import collections
 import glob
 import json
+import logging
 import os
 import shutil
 
@@ -194,3 +195,35 @@ def test_the_launcher_runs_an_example_config_with_overrides(tiny_qwen2, tmp_path
                     "qwen3_6_35b_a3b_lora.yaml"):  # every key of the other examples is a flag
         arguments = finetune.expand_config_files([os.path.join(ROOT, "examples", example)], parser)
         assert arguments[arguments.index("--data_path") + 1].startswith("examples/data.jsonl")
+
+
+def test_a_glob_never_follows_a_link_loop_and_counts_each_real_file_once(tokenizer, tmp_path, caplog):
+    os.makedirs(tmp_path / "data" / "sub")
+    write_jsonl(tmp_path / "data" / "sub" / "a.jsonl", [conversation(f"A{i}") for i in range(3)])
+    os.symlink("..", tmp_path / "data" / "sub" / "loop")  # a link to its own parent
+    os.symlink("a.jsonl", tmp_path / "data" / "sub" / "same.jsonl")  # a second name of one file
+    pattern = str(tmp_path / "data" / "**" / "*.jsonl")
+    assert finetune.files_matching(pattern) == [str(tmp_path / "data" / "sub" / "a.jsonl")]
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        dataset = finetune.make_dataset([pattern], make_encoder(tokenizer), data_args(tmp_path))
+    assert len(dataset) == 3
+    assert f"{pattern}: 3 read from 1 file(s), 3 kept" in caplog.text  # how many files the pattern matched
+
+
+def test_amounts_that_cannot_be_taken_are_one_line(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [conversation(f"A{i}") for i in range(10)])
+    with pytest.raises(finetune.UserError, match=r"#100000000000: 100,000,000,000 samples would need .* GiB for "
+                                                 r"their indices alone, more than half of this machine's"):
+        finetune.parse_sources([f"{path}#100000000000"])
+    with pytest.raises(finetune.UserError, match=rf"--data_path {path}#0.01: that fraction of its 10 kept samples is "
+                                                 "none; take a larger fraction or a count"):
+        finetune.make_dataset([f"{path}#0.01"], make_encoder(tokenizer), data_args(tmp_path))
+    with pytest.raises(finetune.UserError, match=r"--seed must be in \[0, 2\^32\)"):
+        finetune.parse_arguments(["--data_path", f"{path}#5", "--seed", "-1", "--output_dir", str(tmp_path)])
+
+
+def test_a_data_path_may_start_with_a_tilde(tokenizer, tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "a.jsonl", [conversation("A")])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    [source] = finetune.parse_sources(["~/a.jsonl#2"])
+    assert source.parts == [str(tmp_path / "a.jsonl")]

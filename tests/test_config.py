@@ -1,0 +1,88 @@
+"""Flags and config files: every value checked against its flag's type, every bad one a single line naming it."""
+import json
+
+import pytest
+
+import finetune
+
+BAD_CONFIGS = {
+    "no for a text flag": ("system_message: no\n", "'system_message' takes text, got a boolean (false) (YAML reads "
+                                                  "no/yes/on/off/true/false as a boolean: quote it)"),
+    "number for a text flag": ("system_message: 42\n", "'system_message' takes text, got a whole number (42)"),
+    "nested list": ("lora_target_modules: [[q_proj], v_proj]\n", "'lora_target_modules' takes a list of names (or "
+                                                                "one text), not a nested list"),
+    "mapping for a text flag": ("output_dir: {a: 1}\n", "'output_dir' takes text, not a mapping"),
+    "fraction for a count": ("model_max_length: 1.5\n", "'model_max_length' takes a whole number, got a number (1.5)"),
+    "text for a number": ("learning_rate: fast\n", "'learning_rate' takes a number, got text (\"fast\")"),
+    "text for a yes/no flag": ("use_lora: maybe\n", "'use_lora' takes true or false, got text (\"maybe\")"),
+    "boolean for a choice": ("template: yes\n", "'template' takes one of auto, chatml, got a boolean (true)"),
+    "two spellings": ("model-max-length: 8\nmodel_max_length: 9\n",
+                      "'model-max-length' and 'model_max_length' set the same flag; keep one"),
+    "the same key twice": ("lora_r: 4\nlora_r: 8\n", "'lora_r' is set twice; keep one"),
+    "a key twice inside a mapping": ("chat_template_kwargs: {a: 1, a: 2}\n", "'a' is set twice; keep one"),
+    "help": ("help: true\n", "unknown key 'help'"),
+    "not UTF-8": (b"system_message: caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset 19)"),
+    "not a mapping": ("- lora_r\n", "expected flag names and their values, got a list"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_a_config_value_of_the_wrong_type_is_one_line_naming_the_file_and_the_key(tmp_path, case):
+    text, expected = BAD_CONFIGS[case]
+    path = tmp_path / "run.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(finetune.UserError) as error:
+        finetune.parse_arguments([str(path), "--data_path", "d.jsonl", "--output_dir", str(tmp_path)])
+    assert str(error.value) == f"{path}: {expected}" or str(error.value).startswith(f"{path}: {expected}")
+    assert "\n" not in str(error.value)
+
+
+def test_a_json_config_refuses_a_key_given_twice(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text('{"lora_r": 4, "lora_r": 8}')
+    with pytest.raises(finetune.UserError, match=f"^{path}: 'lora_r' is set twice; keep one$"):
+        finetune.parse_arguments([str(path)])
+
+
+def test_what_yaml_writes_naturally_means_what_it_says(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data_path: [a.jsonl, b.jsonl]\noutput_dir: " + str(tmp_path) + "\nlearning_rate: 1e-4\n"
+                    "system_message: 'no'\nuse_lora: yes\nlora_dropout: 0\nchat_template_kwargs: {preserve_thinking: "
+                    "true}\ntemplate: chatml\nwarmup_steps: 10\nuse_cpu: true\n")
+    _, data, training, lora = finetune.parse_arguments([str(path)])
+    assert training.learning_rate == 1e-4  # YAML 1.1 reads 1e-4 as text: made a number for a number flag
+    assert data.system_message == "no" and data.template == "chatml" and data.data_path == ["a.jsonl", "b.jsonl"]
+    assert lora.use_lora is True and lora.lora_dropout == 0.0
+    assert data.chat_template_kwargs == {"preserve_thinking": True} and training.warmup_steps == 10
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--learning_rate", "fast"], "--learning_rate: invalid float value: 'fast'"),
+    (["--template", "jinja"], "--template: invalid choice: 'jinja' (choose from 'auto', 'chatml')"),
+    (["--use_lora", "maybe"], "--use_lora: Truthy value expected: got maybe"),
+    (["--num_train_epochs", "inf"], "--num_train_epochs must be a finite number, got inf"),
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number, got nan"),
+    (["--rope_scaling", "inf"], "--rope_scaling must be a finite number, got inf"),
+    (["--val_size", "nan"], "--val_size must be a finite number, got nan"),
+    (["--val_size", "inf"], "--val_size must be a finite number, got inf"),
+    (["--val_size", "2.5"], "--val_size is a fraction below 1 or a whole number of samples, got 2.5"),
+    (["--val_size", "-1"], "--val_size is a fraction below 1 or a whole number of samples, got -1.0"),
+    (["--seed", "-1"], "--seed must be in [0, 2^32), got -1"),
+    (["--chat_template_kwargs", "[1]"], "--chat_template_kwargs must be a JSON object of template settings"),
+], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
+def test_a_bad_flag_on_the_command_line_is_one_line_not_the_usage(tmp_path, flags, expected):
+    with pytest.raises(finetune.UserError) as error:
+        finetune.parse_arguments(["--data_path", "d.jsonl", "--output_dir", str(tmp_path), *flags])
+    assert str(error.value).startswith(expected) and "\n" not in str(error.value) and "usage" not in str(error.value)
+
+
+def test_lora_targets_that_match_nothing_stop_the_run_before_the_model_loads(tiny_qwen3_5, monkeypatch):
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(tiny_qwen3_5)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained",
+                        classmethod(lambda *a, **k: pytest.fail("weights loaded")))
+    lora = finetune.LoraArguments(use_lora=True, lora_target_modules=["q_proj,k_prj"])
+    with pytest.raises(finetune.UserError, match="--lora_target_modules k_prj: matched nothing"):
+        finetune.check_lora_targets(config, lora)
+    finetune.check_lora_targets(config, finetune.LoraArguments(use_lora=True))
