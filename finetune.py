@@ -28,6 +28,7 @@ Label rule: only what the assistant says is trained (its reasoning, content and 
 """
 import contextlib
 import fcntl
+import fnmatch
 import functools
 import glob
 import hashlib
@@ -35,8 +36,8 @@ import json
 import logging
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
-import pathlib
 import re
 import shutil
 import signal
@@ -172,8 +173,15 @@ class DataArguments:
             self.data_cache_dir = ""
         else:
             self.data_cache_dir = os.path.expanduser(self.data_cache_dir)
+        cores = len(os.sched_getaffinity(0))
         if self.preprocessing_num_workers is None:
-            self.preprocessing_num_workers = min(len(os.sched_getaffinity(0)), 8)
+            self.preprocessing_num_workers = min(cores, 8)
+        elif self.preprocessing_num_workers < 1:
+            raise UserError(f"--preprocessing_num_workers must be at least 1, got {self.preprocessing_num_workers}")
+        elif self.preprocessing_num_workers > cores:  # more would only take turns on the same cores
+            log.info(f"--preprocessing_num_workers {self.preprocessing_num_workers}: this process may use {cores} "
+                     f"cores; tokenizing with {cores} workers")
+            self.preprocessing_num_workers = cores
         self.chat_template_kwargs = parse_template_kwargs(self.chat_template_kwargs)
 
 
@@ -352,7 +360,9 @@ def config_file_arguments(path, parser):
         if name not in flags:
             raise UserError(f"{path}: unknown key '{key}' (not a flag of finetune.py; see --help)")
         if value is not None:  # `key:` with nothing after it leaves the flag at its default
-            arguments += [f"--{name}", *config_value_arguments(value, flags[name], f"{path}: '{key}'")]
+            words = config_value_arguments(value, flags[name], f"{path}: '{key}'")
+            # One value as --flag=value: text that starts with a dash is then not taken for a flag.
+            arguments += [f"--{name}={words[0]}"] if len(words) == 1 else [f"--{name}", *words]
     return arguments
 
 
@@ -366,7 +376,7 @@ def read_config_file(path):
 
     try:
         with open(path, "rb") as f:
-            text = f.read().decode("utf-8")
+            text = f.read().decode("utf-8-sig")  # with or without a byte-order mark
     except OSError as e:
         raise UserError(f"{path}: cannot read the config file ({e.strerror})") from None
     except UnicodeDecodeError as e:
@@ -379,7 +389,7 @@ def read_config_file(path):
             settings = yaml.load(text, Loader=unique_key_yaml_loader())
     except DuplicateKey as e:
         raise UserError(f"{path}: '{e}' is set twice; keep one") from None
-    except (ValueError, yaml.YAMLError, RecursionError) as e:
+    except (ValueError, TypeError, yaml.YAMLError, RecursionError) as e:  # TypeError: a list as a key
         raise UserError(f"{path}: not valid {kind} ({first_line(e)})") from None
     if settings is None:
         return {}
@@ -397,14 +407,22 @@ def unique_keys(pairs):
 
 @functools.lru_cache(maxsize=None)
 def unique_key_yaml_loader():
-    """PyYAML's safe loader, refusing a mapping that gives a key twice (PyYAML keeps the last one silently)."""
+    """PyYAML's safe loader, refusing a mapping that gives a key twice (PyYAML keeps the last one silently), and
+    reading only plain decimal integers as numbers: YAML 1.1 would read 010 as 8 and 1:00 as 60 (those stay text,
+    which a number flag refuses)."""
     import yaml
 
     class UniqueKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
-            unique_keys([(self.construct_object(key, deep=deep), None) for key, _ in node.value])
+            own = [key for key, _ in node.value if key.tag != "tag:yaml.org,2002:merge"]  # `<<:` merges are allowed
+            unique_keys([(self.construct_object(key, deep=deep), None) for key in own])
             return super().construct_mapping(node, deep)
 
+    UniqueKeyLoader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(0|[1-9][0-9_]*)$"),
+                                          list("-+0123456789"))
     return UniqueKeyLoader
 
 
@@ -423,7 +441,8 @@ def config_flags(parser):
     from transformers.hf_argparser import string_to_bool
 
     mapping = {name for cls in (ModelArguments, DataArguments, TrainingArguments, LoraArguments)
-               for name, hint in typing.get_type_hints(cls).items() if dict in (typing.get_args(hint) or (hint,))}
+               for name, hint in typing.get_type_hints(cls).items()
+               if any(arg is dict or typing.get_origin(arg) is dict for arg in (typing.get_args(hint) or (hint,)))}
     flags = {}
     for action in parser._actions:
         if action.dest in flags or not action.option_strings or action.dest == "help":
@@ -447,9 +466,11 @@ def config_value_arguments(value, flag, where):
     YAML 1.1) to a float for a float flag."""
     if isinstance(value, dict):
         if flag.mapping:
-            return [json.dumps(value)]
+            return [json.dumps(value, default=str)]  # a YAML date in it as its text
         raise UserError(f"{where} takes {describe_flag_type(flag)}, not a mapping")
     if isinstance(value, list):
+        if not value:
+            raise UserError(f"{where} is an empty list: name at least one, or leave the key out")
         if flag.kind == "list" and all(isinstance(v, str) for v in value):
             return value
         raise UserError(f"{where} takes {describe_flag_type(flag)}, not {describe_value(value)}")
@@ -506,8 +527,8 @@ def check_arguments(data_args, training_args, lora_args):
 
 
 def check_model_arguments(model_args):
-    if model_args.rope_scaling is not None and not model_args.rope_scaling > 1:
-        raise UserError(f"--rope_scaling is YaRN's factor and must be more than 1, got {model_args.rope_scaling}")
+    if model_args.rope_scaling is not None and not 1 < model_args.rope_scaling <= 1024:
+        raise UserError(f"--rope_scaling is YaRN's factor: more than 1, at most 1024; got {model_args.rope_scaling}")
     native = model_args.rope_native_length
     if native is not None and not (model_args.rope_scaling and native > 0):
         raise UserError("--rope_native_length is a positive number of tokens, for --rope_scaling to stretch")
@@ -537,6 +558,12 @@ def check_numbers(training_args, lora_args):
         raise UserError(f"--seed must be in [0, 2^32), got {training_args.seed}")
     if not 0 <= lora_args.lora_dropout < 1:
         raise UserError(f"--lora_dropout must be in [0, 1), got {lora_args.lora_dropout}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(training_args, name) < 1:
+            raise UserError(f"--{name} must be in [0, 1), got {getattr(training_args, name)}")
+    for name in ("adam_epsilon", "dataloader_num_workers"):
+        if getattr(training_args, name) < 0:
+            raise UserError(f"--{name} must be zero or more, got {getattr(training_args, name)}")
     if training_args.max_steps == 0 or (training_args.max_steps < 0 and training_args.max_steps != -1):
         raise UserError(f"--max_steps must be positive (or -1: set by --num_train_epochs), got {training_args.max_steps}")
 
@@ -693,14 +720,15 @@ def data_fingerprint(paths):
         files = [f["filename"] for f in load_hub_dataset(path).cache_files] if path.startswith(HUB_PREFIX) else [path]
         for file in files:
             stat = os.stat(file)
-            digest.update(file_digest(file, stat.st_size, stat.st_mtime_ns, stat.st_ino).encode())
+            digest.update(file_digest(file, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino).encode())
     return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=None)
-def file_digest(path, size, mtime_ns, inode):
+def file_digest(path, size, mtime_ns, ctime_ns, inode):
     """One file's content hash, read once per process (resume and the cache key both want it); the file's size,
-    date and inode only tell whether this process has read this version already."""
+    dates and inode only tell whether this process has read this version already (a write changes its ctime,
+    whatever is done to its mtime)."""
     digest = hashlib.sha256(f"{size}:".encode())  # where one file ends and the next begins
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -904,11 +932,15 @@ def world_size():
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def end_with_parent():
-    """A helper process (a tokenizing worker) ends when the process that started it ends, even by SIGKILL, instead
+def become_helper_process():
+    """In a forked helper (a tokenizing worker): leave signals to the parent, which stops its helpers with SIGTERM
+    (the parent's handler would report a stop of its own); and end when the parent ends, even by SIGKILL, instead
     of running on (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
     import ctypes
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})  # blocked while it was forked
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
@@ -1145,6 +1177,22 @@ def gather_expert_blocks_whole(model):
         set_z3_leaf_modules(model, sorted(blocks, key=lambda block: block.__name__))
 
 
+@contextlib.contextmanager
+def without_zero3_init():
+    """Build a module as without DeepSpeed (a skeleton on the meta device, to check flags against): under ZeRO-3,
+    transformers would partition and initialise it, which fails on the meta device.
+
+    Workaround (transformers 5.24): it has no public switch for this; the flag is the weak reference to the
+    DeepSpeed config that is_deepspeed_zero3_enabled reads. If it moves, the ZeRO-3 tests fail at start-up."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved, hf_deepspeed._hf_deepspeed_config_weak_ref = hf_deepspeed._hf_deepspeed_config_weak_ref, None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def sum_over_ranks(values, device):
     """Each of `values` summed over every rank (all ranks must call it together); as they are without a group."""
     if not in_process_group():
@@ -1152,6 +1200,26 @@ def sum_over_ranks(values, device):
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tensor)
     return tensor.tolist()
+
+
+def whole_until_its_gradient_is_in(weight):
+    """ZeRO-3: keep `weight` gathered until autograd has added to it the gradient being returned for it, then
+    partition it again. A module's own backward gathers its weights itself; the chunked loss reads lm_head's
+    weight outside any module call, and an untied lm_head (Qwen2.5-7B, Qwen3-8B, Qwen3.5) is used by nothing
+    else, so without this its whole-shaped gradient would meet a partitioned weight. (A tied one is gathered by
+    the embeddings' backward, which must then release it itself.) Nothing without ZeRO-3."""
+    if not hasattr(weight, "ds_id"):
+        return
+    import deepspeed
+
+    gathered = deepspeed.zero.GatheredParameters([weight])
+    gathered.__enter__()
+
+    def release(param):
+        handle.remove()
+        gathered.__exit__(None, None, None)
+
+    handle = weight.register_post_accumulate_grad_hook(release)
 
 
 def gather_trainable_state_dict(model, keep):
@@ -1251,24 +1319,41 @@ INDEX_BYTES_PER_SAMPLE = 48
 
 
 def check_amount(spec, take):
-    """A #count or #fraction that can be taken: positive, and a count whose indices alone fit in this machine's
-    memory (a typo of a few zeros would otherwise allocate it all)."""
+    """A #count or #fraction that can be taken: positive, and a count whose indices alone fit in the memory this
+    process may use (a typo of a few zeros would otherwise allocate it all); a fraction is bounded once the number
+    of samples it multiplies is known."""
     if take <= 0:
         raise UserError(f"--data_path {spec}: the amount after '#' must be positive")
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if isinstance(take, int) and take * INDEX_BYTES_PER_SAMPLE > memory // 2:
-        raise UserError(f"--data_path {spec}: {take:,} samples would need {take * INDEX_BYTES_PER_SAMPLE / 2 ** 30:,.0f} "
-                        f"GiB for their indices alone, more than half of this machine's {memory / 2 ** 30:.0f} GiB")
+    if isinstance(take, int):
+        check_sample_count(spec, take)
+
+
+def check_sample_count(spec, count):
+    memory = usable_memory()
+    if count * INDEX_BYTES_PER_SAMPLE > memory // 2:
+        raise UserError(f"--data_path {spec}: {count:,} samples would need {count * INDEX_BYTES_PER_SAMPLE / 2 ** 30:,.0f} "
+                        f"GiB for their indices alone, more than half of the {memory / 2 ** 30:.0f} GiB this job may use")
+
+
+def usable_memory():
+    """Bytes of memory this process may use: the machine's, or less where a cgroup (a scheduler's job) limits it."""
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            with open(path) as f:
+                limits.append(int(f.read().strip()))  # "max" (no limit) is not a number
+    return min(limits)
 
 
 def source_parts(location):
-    if any(char in location for char in "*?["):
+    if not os.path.exists(location) and any(char in location for char in "*?["):  # a file may be named run[1].jsonl
         files = files_matching(location)
         if not files:
             raise DataError(f"{location}: matches no file")
         return files
     if os.path.isdir(location):
-        files = sorted(os.path.join(location, name) for name in os.listdir(location) if name.endswith(FILE_SUFFIXES))
+        files = each_file_once(os.path.join(location, name) for name in sorted(os.listdir(location))
+                               if name.endswith(FILE_SUFFIXES))
         if not files:
             raise DataError(f"{location}: a folder without .json, .jsonl or .parquet files")
         return files
@@ -1278,22 +1363,46 @@ def source_parts(location):
 
 
 def files_matching(pattern):
-    """The files a glob pattern matches, in name order, each real file once: `**` does not descend into linked
-    folders (glob's does, and a link to a parent folder made it read one file 41 times), and two names of one file
-    (a link beside it) count once. Hidden files are left out, as the shell and glob do."""
+    """The files a glob pattern matches, in name order, each file once however many names it has (links, hard
+    links). `**` (any number of folders) follows linked folders but enters each real folder once, so a link to a
+    parent folder cannot make it loop (glob's own read one file 41 times). Hidden files and folders are left out,
+    as the shell and glob do."""
     parts = pattern.split(os.sep)
     first_magic = next(i for i, part in enumerate(parts) if any(char in part for char in "*?["))
     if "**" not in parts[first_magic:]:
-        matches = glob.glob(pattern)
-    else:
-        base = os.sep.join(parts[:first_magic]) or (os.sep if pattern.startswith(os.sep) else ".")
-        relative = pathlib.Path(base).glob(os.sep.join(parts[first_magic:]))
-        matches = [str(path) for path in relative if not any(part.startswith(".") for part in
-                                                             path.relative_to(base).parts)]
+        return each_file_once(sorted(glob.glob(pattern)))
+    base = os.sep.join(parts[:first_magic]) or (os.sep if pattern.startswith(os.sep) else os.curdir)
+    wanted = parts[first_magic:] + (["*"] if parts[-1] == "**" else [])  # "data/**": every file below data
+    matches, seen_folders = [], set()
+    for folder, folders, names in os.walk(base, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in seen_folders:
+            folders.clear()  # entered already, through another name
+            continue
+        seen_folders.add((stat.st_dev, stat.st_ino))
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        relative = os.path.relpath(folder, base).split(os.sep) if folder != base else []
+        matches += [os.path.join(folder, name) for name in names
+                    if not name.startswith(".") and path_matches(wanted, relative + [name])]
+    return each_file_once(sorted(matches))
+
+
+def path_matches(pattern_parts, path_parts):
+    """Whether a path's parts match a pattern's, where a `**` part stands for any number of parts."""
+    if not pattern_parts:
+        return not path_parts
+    if pattern_parts[0] == "**":
+        return any(path_matches(pattern_parts[1:], path_parts[i:]) for i in range(len(path_parts) + 1))
+    return bool(path_parts) and fnmatch.fnmatchcase(path_parts[0], pattern_parts[0]) and \
+        path_matches(pattern_parts[1:], path_parts[1:])
+
+
+def each_file_once(paths):
+    """The files among `paths`, the first name of each (a link or hard link to one already there is left out)."""
     files, seen = [], set()
-    for path in sorted(matches):
-        if os.path.isfile(path) and (real := os.path.realpath(path)) not in seen:
-            seen.add(real)
+    for path in paths:
+        if os.path.isfile(path) and (key := (os.stat(path).st_dev, os.stat(path).st_ino)) not in seen:
+            seen.add(key)
             files.append(path)
     return files
 
@@ -1907,8 +2016,9 @@ class DamagedEntry(Exception):
 
 
 def default_cache_dir():
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qwen-finetune",
-                        "tokenized")
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = xdg if os.path.isabs(xdg) else os.path.expanduser("~/.cache")  # a relative one is to be ignored (XDG spec)
+    return os.path.join(base, "qwen-finetune", "tokenized")
 
 
 def tokenized_cache_entry(path, encoder):
@@ -1962,11 +2072,15 @@ def load_or_build_cache_entry(path, encoder, cache_dir, num_workers, batch_size)
     with locked_file(entry + ".lock", waiting=f"tokenizing {path} into {entry}") as lock:
         if os.path.isdir(entry) and (tokenized := read_cache_entry(path, entry, set_aside=True)):
             return tokenized  # built by whoever held the lock before
+        if os.path.lexists(entry) and not os.path.isdir(entry):  # a file, or a link to nothing, in its place
+            os.remove(entry)
+            log.warning(f"{path}: {entry} in the cache was not a tokenized folder; removed, tokenizing again")
         remove_killed_builds(cache_dir, own=lock)
         error_file = entry + ".error"
         with contextlib.suppress(FileNotFoundError):
             os.remove(error_file)
         building = tempfile.mkdtemp(prefix=os.path.basename(entry) + ".building-", dir=cache_dir)
+        os.chmod(building, 0o777 & ~current_umask())  # as readable as any folder this user makes (mkdtemp: 0700)
         started = time.perf_counter()
         try:
             workers = build_tokenized(path, encoder, building, num_workers, batch_size)
@@ -2016,13 +2130,15 @@ def read_tokenized(folder) -> Tokenized:
         raise DamagedEntry(f"its meta.json cannot be read ({first_line(e)})") from None
     if not isinstance(meta, dict) or meta.get("version") != TOKENIZED_FORMAT_VERSION:
         raise DamagedEntry("its meta.json is not of this version's format")
+    counts = [meta.get(key) for key in ("samples", "dropped", "empty_assistant")]
+    if not all(type(count) is int and count >= 0 for count in counts):
+        raise DamagedEntry("its meta.json lacks the counts of samples")
     try:
         arrays = {name: read_array(folder, name, dtype, meta["arrays"][name]) for name, dtype in
                   TOKENIZED_ARRAYS.items()}
-        samples, dropped = int(meta["samples"]), int(meta["dropped"])
-        int(meta["empty_assistant"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise DamagedEntry(f"its meta.json lacks {first_line(e)}") from None
+    except (KeyError, TypeError) as e:
+        raise DamagedEntry(f"its meta.json does not describe the array {first_line(e)}") from None
+    samples, dropped = counts[:2]
     offsets, tokens = arrays["offsets"], len(arrays["input_ids"])
     if (len(offsets) != samples + 1 or offsets[0] != 0 or offsets[-1] != tokens or len(arrays["labels"]) != tokens
             or not (np.diff(offsets) > 0).all() or len(arrays["full_lengths"]) != samples + dropped):
@@ -2038,6 +2154,8 @@ def read_array(folder, name, dtype, expected):
         size = os.path.getsize(path)
     except OSError:
         raise DamagedEntry(f"{name}.bin is missing") from None
+    if type(expected["bytes"]) is not int or type(expected["crc32"]) is not int:
+        raise TypeError(name)
     if size != expected["bytes"]:
         raise DamagedEntry(f"{name}.bin holds {size:,} bytes, not the {expected['bytes']:,} written")
     array = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
@@ -2059,6 +2177,12 @@ def file_identity(path):
     """What changes whenever a file is written: its size, times and inode (for a dataset id, its cached files')."""
     files = [f["filename"] for f in load_hub_dataset(path).cache_files] if path.startswith(HUB_PREFIX) else [path]
     return [(s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino) for s in map(os.stat, files)]
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def fresh_data_fingerprint(path):
@@ -2125,11 +2249,7 @@ def build_tokenized(path, encoder, folder, num_workers, batch_size):
     if len(parts) == 1:
         results = [tokenize_part(path, encoder, folder, 0, parts[0], batch_size)]
     else:
-        context = multiprocessing.get_context("fork")  # the workers inherit the tokenizer instead of reloading it
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-        with context.Pool(len(parts), initializer=start_tokenizing_worker, initargs=(encoder,)) as pool:
-            results = pool.starmap(tokenize_part_in_worker,
-                                   [(path, folder, k, part, batch_size) for k, part in enumerate(parts)])
+        results = tokenize_in_workers(path, encoder, folder, parts, batch_size)
     meta = {"version": TOKENIZED_FORMAT_VERSION, "source": path, "dropped": sum(r["dropped"] for r in results),
             "empty_assistant": sum(r["empty_assistant"] for r in results), "arrays": {}}
     offset_base = 0
@@ -2182,21 +2302,66 @@ def split_into_line_runs(path, parts):
     return runs + [(start, size, line)]
 
 
-_worker_encoder = None
+def tokenize_in_workers(path, encoder, folder, parts, batch_size):
+    """tokenize_part for each of `parts` in a process of its own, forked so that it inherits the tokenizer. A worker
+    that dies (killed, out of memory) ends the build with one line instead of leaving it waiting; a signal to this
+    process stops the workers with it; a signal during the forks waits until they are done (a handler that ran in
+    a fork hook would have its exit ignored)."""
+    context = multiprocessing.get_context("fork")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    workers = []
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        for k, part in enumerate(parts):
+            workers.append(context.Process(target=tokenizing_worker, args=(path, encoder, folder, k, part, batch_size),
+                                           daemon=True))
+            workers[-1].start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a signal that came meanwhile is handled now
+    failed = None  # the first worker that died, not the ones stopped after it
+    try:
+        while running := [worker for worker in workers if worker.exitcode is None]:
+            if failed := next((worker for worker in workers if worker.exitcode not in (None, 0)), None):
+                break  # the others' work is of no use
+            multiprocessing.connection.wait([worker.sentinel for worker in running], timeout=1)
+    finally:
+        for worker in workers:
+            if worker.exitcode is None:
+                worker.terminate()
+            worker.join()
+    outcomes = [read_outcome(folder, k) for k in range(len(workers))]
+    for outcome in outcomes:  # the first data error in the file's order, whatever stopped the other workers
+        if outcome and "data_error" in outcome:
+            raise DataError(outcome["data_error"])
+    failed = failed or next((worker for worker, outcome in zip(workers, outcomes) if outcome is None), None)
+    if failed is not None:
+        how = (f"was killed by {signal.Signals(-failed.exitcode).name}" if failed.exitcode < 0
+               else f"failed (exit {failed.exitcode})")
+        raise UserError(f"{path}: a tokenizing worker {how}; if it ran out of memory, use fewer "
+                        "--preprocessing_num_workers")
+    return [outcome["counts"] for outcome in outcomes]
 
 
-def start_tokenizing_worker(encoder):
-    """A pool worker: it keeps the parent's tokenizer, ends when the parent does (even killed), and leaves signals
-    to the parent (the pool stops its workers with SIGTERM, which the parent's handler must not report)."""
-    global _worker_encoder
-    _worker_encoder = encoder
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    end_with_parent()
+def tokenizing_worker(path, encoder, folder, k, part, batch_size):
+    """A tokenizing process: it leaves its outcome in `outcome.part{k}`, its counts or the data error it met."""
+    become_helper_process()
+    try:
+        outcome = {"counts": tokenize_part(path, encoder, folder, k, part, batch_size)}
+    except DataError as e:
+        outcome = {"data_error": str(e)}
+    with open(os.path.join(folder, f"outcome.part{k}"), "w") as f:
+        json.dump(outcome, f)
 
 
-def tokenize_part_in_worker(path, folder, k, part, batch_size):
-    return tokenize_part(path, _worker_encoder, folder, k, part, batch_size)
+def read_outcome(folder, k):
+    """What worker k left, or None if it died first."""
+    try:
+        with open(os.path.join(folder, f"outcome.part{k}")) as f:
+            outcome = json.load(f)
+    except (OSError, ValueError):
+        return None
+    os.remove(os.path.join(folder, f"outcome.part{k}"))
+    return outcome
 
 
 def tokenize_part(path, encoder, folder, k, part, batch_size):
@@ -2285,9 +2450,11 @@ def make_dataset(specs, encoder, data_args, seed=0, lazy=None):
                     SupervisedDataset(path, encoder, cache_dir=data_args.data_cache_dir,
                                       num_workers=data_args.preprocessing_num_workers) for path in source.parts]
         sizes = np.array([len(d) for d in datasets])
-        if isinstance(source.take, float) and sizes.sum() and round(source.take * sizes.sum()) == 0:
-            raise UserError(f"--data_path {source.spec}: that fraction of its {sizes.sum():,} kept samples is none; "
-                            "take a larger fraction or a count")
+        if isinstance(source.take, float) and sizes.sum():
+            if round(source.take * sizes.sum()) == 0:
+                raise UserError(f"--data_path {source.spec}: that fraction of its {sizes.sum():,} kept samples is "
+                                "none; take a larger fraction or a count")
+            check_sample_count(source.spec, round(source.take * sizes.sum()))
         chosen = choose_samples(int(sizes.sum()), source.take, np.random.default_rng([seed, k]))
         which = np.searchsorted(np.cumsum(sizes), chosen, side="right")
         part_of.append(which + len(parts))
@@ -2598,6 +2765,9 @@ def load_model(model_args, training_args, lora_args):
         keep_packed_samples_apart(model)
 
     if lora_args.use_lora:
+        # The adapter's random start follows --seed alone, not the random numbers loading used (ZeRO-3's
+        # partitioned loading takes others than DDP's): the same run under either engine starts the same.
+        transformers.set_seed(training_args.seed)
         model = add_lora(model, training_args, lora_args)
     else:
         freeze_all_but_the_language_model(model)
@@ -2760,7 +2930,8 @@ def lora_targets(model, lora_args):
     the decoder layers."""
     decoder = model.get_decoder()
     in_layers = [(name, module) for name, module in decoder.named_modules() if name.startswith("layers.")]
-    linear = {name.rsplit(".", 1)[-1] for name, module in in_layers if isinstance(module, torch.nn.Linear)}
+    linear_names = [name for name, module in in_layers if isinstance(module, torch.nn.Linear)]
+    linear = {name.rsplit(".", 1)[-1] for name in linear_names}
     experts = sorted({".".join(name.split(".")[-2:]) for name, p in decoder.named_parameters()
                       if name.startswith("layers.") and name.split(".")[-2] == EXPERTS
                       and len(getattr(p, "ds_shape", p.shape)) == 3})  # [experts, out, in] each
@@ -2769,7 +2940,8 @@ def lora_targets(model, lora_args):
     if requested == ["all-linear"]:
         modules, parameters = sorted(linear - set(LORA_LEFT_OUT)), experts
     else:
-        unknown = [name for name in requested if name not in linear and not (name == EXPERTS and experts)]
+        unknown = [name for name in requested if not (name == EXPERTS and experts) and not any(
+            linear_name.endswith(f".{name}") for linear_name in linear_names)]  # peft's rule: a suffix of names
         if unknown:
             raise UserError(f"--lora_target_modules {','.join(unknown)}: matched nothing in the decoder layers of this "
                             f"model (its projections: {', '.join(sorted(linear))}"
@@ -2780,7 +2952,7 @@ def lora_targets(model, lora_args):
     in_decoder = {id(module) for _, module in in_layers}
     # Same-named projections elsewhere (a vision tower's) stay as they are.
     elsewhere = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
-                 and id(module) not in in_decoder and name.rsplit(".", 1)[-1] in modules]
+                 and id(module) not in in_decoder and any(f".{name}".endswith(f".{target}") for target in modules)]
     return {"target_modules": modules, "target_parameters": parameters or None, "exclude_modules": elsewhere or None}
 
 
@@ -2790,9 +2962,14 @@ def check_lora_targets(model_config, lora_args):
     mapping = model_class(model_config)._model_mapping  # the auto class's: model type -> class
     if not lora_args.use_lora or lora_args.lora_weight_path or type(model_config) not in mapping:
         return  # a model with code of its own: its targets are checked when it loads
-    with torch.device("meta"):  # the class itself: from_config would build it under ZeRO-3's partitioning
+    with torch.device("meta"), without_zero3_init():
         skeleton = mapping[type(model_config)](model_config)
     lora_targets(skeleton, lora_args)
+    names = [name for name, _ in skeleton.named_modules()]
+    if unknown := [target for target in lora_args.lora_modules_to_save
+                   if not any(f".{name}".endswith(f".{target}") for name in names)]:
+        raise UserError(f"--lora_modules_to_save {','.join(unknown)}: no module of this model has that name "
+                        "(e.g. embed_tokens, lm_head)")
 
 
 def is_expert_block(module):
@@ -2909,6 +3086,9 @@ class ChunkedCausalLMLoss(CausalLMLoss):
         super().__init__(router_aux_loss_coef)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft
         self.lm_head = base.get_output_embeddings()  # under peft's modules_to_save, .weight is the trained copy
+        # ZeRO-3: a weight tied to the input embeddings is gathered for their backward anyway (see
+        # whole_until_its_gradient_is_in); an untied one is not.
+        self.tied = self.lm_head.weight is base.get_input_embeddings().weight
         self.chunk_size = chunk_size
         self.hidden_states = None
         base.get_decoder().register_forward_hook(self._keep_hidden_states)
@@ -2923,7 +3103,8 @@ class ChunkedCausalLMLoss(CausalLMLoss):
         hidden_states = hidden_states[:, :next_tokens.shape[1]][trained]  # [trained positions, hidden]
         # Even with no trained position the result depends on hidden_states: every weight gets its (zero) gradient.
         with whole_weight(self.lm_head.weight):
-            return ChunkedCrossEntropy.apply(hidden_states, self.lm_head.weight, next_tokens[trained], self.chunk_size)
+            return ChunkedCrossEntropy.apply(hidden_states, self.lm_head.weight, next_tokens[trained], self.chunk_size,
+                                             self.tied)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -2933,7 +3114,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     here, once per micro-batch (which ZeRO-3 needs: it gathers the weight from every rank for the whole call)."""
 
     @staticmethod
-    def forward(ctx, hidden_states, weight, targets, chunk_size):
+    def forward(ctx, hidden_states, weight, targets, chunk_size, tied=False):
         total = torch.zeros((), dtype=torch.float32, device=hidden_states.device)
         grad_hidden = torch.empty_like(hidden_states)  # [positions, hidden]
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
@@ -2950,7 +3131,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if grad_weight is not None:
                 grad_weight += (grad_logits.T @ hidden).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.weight, ctx.tied = weight.dtype, weight, tied
         return total
 
     @staticmethod
@@ -2959,7 +3140,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None
+            if not ctx.tied:
+                whole_until_its_gradient_is_in(ctx.weight)  # ZeRO-3: the gradient is of the whole weight
+        return grad_hidden, grad_weight, None, None, None
 
 
 class StopOnSignal(transformers.TrainerCallback):

@@ -141,7 +141,8 @@ def run_mode(mode, workdir):
             "--model_max_length", str(MAX_LENGTH), "--per_device_train_batch_size", str(BATCH),
             "--num_train_epochs", "1", "--learning_rate", "1e-4", "--save_strategy", "no", "--logging_steps", "1000",
             "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true",
-            "--chunked_loss", str(mode in "egh" + MOE_MODES).lower(), "--packing", str(mode in "deh" + MOE_MODES).lower(),
+            "--chunked_loss", str(mode in "egh" + MOE_MODES).lower(),
+            "--packing", str(mode in "deh" + MOE_MODES).lower(),
             "--group_by_length", str(mode == "c").lower()]
     if mode in MOE_MODES:
         argv += ["--experts_implementation", {"i": "eager", "j": "grouped_mm", "k": "batched_mm"}[mode]]
@@ -325,22 +326,20 @@ def main():
     hybrid = language_model_size(os.path.join(args.workdir, "hybrid"))
     moe = active_size(os.path.join(args.workdir, "moe"))
     first = {}  # the first row of each model's table: what its ratios are against
+    headers = {"hybrid": f"\nthe Qwen3.5-style hybrid of the same width: {hybrid[1] / 1e6:.1f}M language-model "
+                         "parameters (lm_head untied), 3 linear-attention layers to 1 attention layer",
+               "moe": f"\nthe Qwen3-MoE of the same width: {moe[1] / 1e6:.1f}M parameters active per token"}
     print(f"{'mode':<40} {'real tok/s':>10} {'trained tok/s':>13} {'peak RSS MB':>11} {'x first':>7} {'MFU':>6}")
     for mode in args.modes:
-        if mode in HYBRID_MODES and "hybrid" not in first and "hybrid header" not in first:
-            first["hybrid header"] = True
-            print(f"\nthe Qwen3.5-style hybrid of the same width: {hybrid[1] / 1e6:.1f}M language-model parameters "
-                  "(lm_head untied), 3 linear-attention layers to 1 attention layer")
-        if mode in MOE_MODES and "moe header" not in first:
-            first["moe header"] = True
-            print(f"\nthe Qwen3-MoE of the same width: {moe[1] / 1e6:.1f}M parameters active per token")
+        family = "hybrid" if mode in HYBRID_MODES else "moe" if mode in MOE_MODES else "dense"
+        if family not in first and family in headers:
+            print(headers[family])
         result = run_child(mode, args.workdir)
         if "error" in result:
             print(f"({mode}) {MODES[mode]:<36} failed: {result['error'][:120]}")
             continue
         real = result["real_tokens"] / result["seconds"]
         trained = (result["trained_tokens"] or 0) / result["seconds"]
-        family = "hybrid" if mode in HYBRID_MODES else "moe" if mode in MOE_MODES else "dense"
         base = first.setdefault(family, real)
         model_config, model_params, embeddings = {"hybrid": hybrid, "moe": moe}.get(family, (config, params, 1))
         flops = model_flops(model_config, model_params, result, embeddings)

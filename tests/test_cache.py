@@ -6,13 +6,14 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 import transformers
-from conftest import make_encoder, write_jsonl
+from conftest import CHILD_ENV, ROOT, make_encoder, write_jsonl
 
 import finetune
 
@@ -204,6 +205,9 @@ def damage_entry(entry, damage):
     elif damage == "meta.json of another version":
         meta = json.load(open(path("meta.json")))
         json.dump({**meta, "version": 2}, open(path("meta.json"), "w"))
+    elif damage == "a count as text":
+        meta = json.load(open(path("meta.json")))
+        json.dump({**meta, "dropped": str(meta["dropped"])}, open(path("meta.json"), "w"))
     elif damage == "one flipped byte":
         with open(path("input_ids.bin"), "r+b") as f:
             f.seek(100)
@@ -213,7 +217,7 @@ def damage_entry(entry, damage):
 
 
 DAMAGES = ["truncated tokens", "labels replaced by another array", "odd size", "missing file", "empty folder",
-           "unparsable meta.json", "meta.json of another version", "one flipped byte"]
+           "unparsable meta.json", "meta.json of another version", "one flipped byte", "a count as text"]
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
@@ -342,25 +346,111 @@ def test_a_job_waiting_for_another_jobs_build_says_whom_it_waits_for(tokenizer, 
     assert f"that is tokenizing {path} into {cache / entry}" in waiting[0]
 
 
-def worker_state(_):
+def report_helper_state(queue):
     import ctypes
 
+    finetune.become_helper_process()
     death_signal = ctypes.c_int()
     ctypes.CDLL("libc.so.6").prctl(2, ctypes.byref(death_signal))  # PR_GET_PDEATHSIG
-    return signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), death_signal.value
+    queue.put((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), death_signal.value))
 
 
-def test_tokenizing_workers_leave_signals_to_the_parent_and_end_with_it(tokenizer):
+def test_tokenizing_workers_leave_signals_to_the_parent_and_end_with_it():
     old = signal.signal(signal.SIGTERM, lambda *a: None)  # the parent's own handler, as finetune.main installs one
     try:
-        with multiprocessing.get_context("fork").Pool(1, initializer=finetune.start_tokenizing_worker,
-                                                      initargs=(make_encoder(tokenizer),)) as pool:
-            assert pool.map(worker_state, [0]) == [(signal.SIG_DFL, signal.SIG_IGN, signal.SIGKILL)]
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        helper = context.Process(target=report_helper_state, args=(queue,))
+        helper.start()
+        assert queue.get(timeout=30) == (signal.SIG_DFL, signal.SIG_IGN, signal.SIGKILL)
+        helper.join()
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+BUILD_AND_REPORT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import finetune, transformers
+from tiny_qwen import qwen_tokenizer_dir
+signal.signal(signal.SIGTERM, finetune.stop_before_training)
+tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+encoder = finetune.ChatEncoder(tokenizer, 128, None, "chatml")
+finetune.build_tokenized({path!r}, encoder, {folder!r}, 2, 50)
+print("BUILT", flush=True)
+"""
+
+
+@pytest.mark.parametrize("kill", ["a worker", "the group"])
+def test_a_build_whose_workers_are_killed_ends_in_one_line_and_leaves_nothing_running(big_file, tmp_path, kill):
+    import subprocess
+
+    script = BUILD_AND_REPORT.format(root=ROOT, path=big_file, folder=str(tmp_path))
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=os.path.join(ROOT, "examples"), env=CHILD_ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("input_ids.part1")) and time.time() < deadline:  # both workers are at work
+        time.sleep(0.05)
+    workers = [int(line.split()[0]) for line in subprocess.run(["ps", "-o", "pid=", "--ppid", str(process.pid)],
+                                                               capture_output=True, text=True).stdout.splitlines()]
+    assert len(workers) == 2
+    if kill == "a worker":
+        os.kill(workers[1], signal.SIGKILL)
+    else:  # what a scheduler's scancel does: the whole process group
+        os.killpg(process.pid, signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    if kill == "a worker":
+        assert process.returncode == 1 and "a tokenizing worker was killed by SIGKILL" in stderr, stderr[-2000:]
+    else:
+        assert process.returncode == 143 and stderr.count("stopped by SIGTERM") == 1, stderr[-2000:]
+    assert "BUILT" not in stdout
+    for pid in workers:  # no worker runs on
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_the_cache_folder_may_start_with_a_tilde(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     args = finetune.DataArguments(data_path=["d.jsonl"], data_cache_dir="~/tokens")
     assert args.data_cache_dir == str(tmp_path / "tokens")
+
+
+@pytest.mark.parametrize("what", ["a file", "a link to nothing"])
+def test_something_else_where_an_entry_belongs_is_removed_and_the_entry_built(tokenizer, tmp_path, what, caplog):
+    path, cache = write_jsonl(tmp_path / "d.jsonl", SAMPLES[:20]), tmp_path / "cache"
+    os.makedirs(cache)
+    entry = cache / finetune.tokenized_cache_entry(path, make_encoder(tokenizer))
+    if what == "a file":
+        entry.write_text("partial copy")
+    else:
+        os.symlink(tmp_path / "nowhere", entry)
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        dataset = finetune.SupervisedDataset(path, make_encoder(tokenizer), cache_dir=str(cache))
+    assert_same(dataset, finetune.SupervisedDataset(path, make_encoder(tokenizer)))
+    assert entry.is_dir() and "was not a tokenized folder; removed" in caplog.text
+
+
+def test_an_edit_that_keeps_the_size_and_date_is_still_noticed_once(tokenizer, tmp_path, monkeypatch, caplog):
+    path, cache = write_jsonl(tmp_path / "d.jsonl", SAMPLES[:20]), str(tmp_path / "cache")
+    build, builds = finetune.build_tokenized, []
+
+    def edited_in_place_once(*args):
+        builds.append(1)
+        result = build(*args)
+        if len(builds) == 1:  # one byte changed, the date put back: only the ctime and the bytes say so
+            stat = os.stat(path)
+            text = open(path).read()
+            open(path, "w").write(text.replace("Answer 1:", "Answer 2:", 1))
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        return result
+
+    monkeypatch.setattr(finetune, "build_tokenized", edited_in_place_once)
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        finetune.SupervisedDataset(path, make_encoder(tokenizer), cache_dir=cache)
+    assert len(builds) == 2 and caplog.text.count("changed while it was being tokenized") == 1
+
+
+def test_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", "~/xdg")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert finetune.default_cache_dir() == str(tmp_path / ".cache" / "qwen-finetune" / "tokenized")

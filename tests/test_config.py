@@ -23,6 +23,10 @@ BAD_CONFIGS = {
     "help": ("help: true\n", "unknown key 'help'"),
     "not UTF-8": (b"system_message: caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset 19)"),
     "not a mapping": ("- lora_r\n", "expected flag names and their values, got a list"),
+    "YAML 1.1 octal": ("seed: 010\n", "'seed' takes a whole number, got text (\"010\")"),
+    "YAML 1.1 base 60": ("model_max_length: 1:00\n", "'model_max_length' takes a whole number, got text"),
+    "an empty list": ("lora_target_modules: []\n", "'lora_target_modules' is an empty list: name at least one"),
+    "a list as a key": ("? [a, b]\n: 1\n", "not valid YAML"),
 }
 
 
@@ -42,6 +46,26 @@ def test_a_json_config_refuses_a_key_given_twice(tmp_path):
     path.write_text('{"lora_r": 4, "lora_r": 8}')
     with pytest.raises(finetune.UserError, match=f"^{path}: 'lora_r' is set twice; keep one$"):
         finetune.parse_arguments([str(path)])
+
+
+def test_mappings_dates_merges_dashes_and_a_byte_order_mark_are_taken_as_meant(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("activation_checkpointing_kwargs: {use_reentrant: false}\nsystem_message: '-v means verbose'\n"
+                    "chat_template_kwargs: {date_string: 2025-01-01}\noutput_dir: " + str(tmp_path) + "\n"
+                    "data_path: d.jsonl\n")
+    _, data, training, _ = finetune.parse_arguments([str(path)])
+    assert training.activation_checkpointing_kwargs == {"use_reentrant": False}  # a flag typed dict[str, Any]
+    assert data.system_message == "-v means verbose"  # text that starts with a dash is not taken for a flag
+    assert data.chat_template_kwargs == {"date_string": "2025-01-01"}  # a YAML date, as the text it was written as
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("data_path: d.jsonl\nchat_template_kwargs: {<<: {enable_thinking: false}, preserve_thinking: "
+                      "true}\n")
+    assert finetune.parse_arguments([str(merged)])[1].chat_template_kwargs == {"enable_thinking": False,
+                                                                               "preserve_thinking": True}
+    with_bom = tmp_path / "run.json"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"data_path": "d.jsonl", "output_dir": str(tmp_path),
+                                                        "lora_r": 8}).encode())
+    assert finetune.parse_arguments([str(with_bom)])[3].lora_r == 8
 
 
 def test_what_yaml_writes_naturally_means_what_it_says(tmp_path):
@@ -69,6 +93,11 @@ def test_what_yaml_writes_naturally_means_what_it_says(tmp_path):
     (["--val_size", "-1"], "--val_size is a fraction below 1 or a whole number of samples, got -1.0"),
     (["--seed", "-1"], "--seed must be in [0, 2^32), got -1"),
     (["--chat_template_kwargs", "[1]"], "--chat_template_kwargs must be a JSON object of template settings"),
+    (["--rope_scaling", "1e308"], "--rope_scaling is YaRN's factor: more than 1, at most 1024; got 1e+308"),
+    (["--adam_beta1", "7"], "--adam_beta1 must be in [0, 1), got 7.0"),
+    (["--adam_epsilon", "-1"], "--adam_epsilon must be zero or more, got -1.0"),
+    (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be zero or more, got -1"),
+    (["--preprocessing_num_workers", "0"], "--preprocessing_num_workers must be at least 1, got 0"),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_a_bad_flag_on_the_command_line_is_one_line_not_the_usage(tmp_path, flags, expected):
     with pytest.raises(finetune.UserError) as error:
@@ -86,3 +115,12 @@ def test_lora_targets_that_match_nothing_stop_the_run_before_the_model_loads(tin
     with pytest.raises(finetune.UserError, match="--lora_target_modules k_prj: matched nothing"):
         finetune.check_lora_targets(config, lora)
     finetune.check_lora_targets(config, finetune.LoraArguments(use_lora=True))
+
+
+def test_lora_names_are_suffixes_as_peft_takes_them_and_modules_to_save_must_exist(tiny_qwen3_5):
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(tiny_qwen3_5)
+    finetune.check_lora_targets(config, finetune.LoraArguments(use_lora=True, lora_target_modules=["self_attn.q_proj"]))
+    with pytest.raises(finetune.UserError, match="--lora_modules_to_save foo: no module of this model has that name"):
+        finetune.check_lora_targets(config, finetune.LoraArguments(use_lora=True, lora_modules_to_save=["lm_head,foo"]))

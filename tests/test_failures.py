@@ -137,7 +137,7 @@ def test_a_huge_sample_is_cut_before_it_is_tokenized_whole(tokenizer, tmp_path, 
     (["--max_steps", "0"], "--max_steps must be positive"),
     (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps must be positive"),
     (["--sequence_parallel_size", "0"], "--sequence_parallel_size must be positive"),
-    (["--rope_scaling", "0.5"], "--rope_scaling is YaRN's factor and must be more than 1, got 0.5"),
+    (["--rope_scaling", "0.5"], "--rope_scaling is YaRN's factor: more than 1, at most 1024; got 0.5"),
     (["--rope_native_length", "4096"], "--rope_native_length is a positive number of tokens, for --rope_scaling"),
 ])
 def test_impossible_numbers_are_refused(tmp_path, flags, problem):

@@ -147,3 +147,86 @@ def test_moe_flags_that_cannot_work_are_one_line(tiny_models, tmp_path):
     with pytest.raises(finetune.UserError, match="--lora_router adapts the router with LoRA: it needs --use_lora"):
         finetune.check_moe_flags(config, finetune.ModelArguments(), training_args(tmp_path),
                                  finetune.LoraArguments(lora_router=True))
+
+
+def tokens_per_expert(model, input_ids):
+    """How many of the tokens of `input_ids` each MoE layer sends to each expert."""
+    counts, hooks = [], []
+    for module in model.modules():
+        if finetune.is_expert_block(module):
+            experts = module.gate.weight.shape[0]
+            hooks.append(module.gate.register_forward_hook(
+                lambda m, i, out, n=experts: counts.append(tuple(torch.bincount(out[2].flatten(), minlength=n).tolist()))))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([input_ids]))
+    for hook in hooks:
+        hook.remove()
+    return tuple(counts)
+
+
+def torchrun(*args):
+    from test_distributed import torchrun as two_processes
+
+    return run_cli(two_processes(*args))
+
+
+@pytest.mark.e2e
+@pytest.mark.distributed
+@pytest.mark.parametrize("arch, kind", [("qwen3_5_moe", "lora"), ("qwen3_moe", "full")])
+def test_zero3_trains_a_moe_as_ddp_does_with_tokens_routed_unevenly(arch, kind, tiny_models, tmp_path, tokenizer):
+    from test_distributed import zero3_config
+
+    model_dir = tiny_models(arch)
+    base = finetune.model_class(transformers.AutoConfig.from_pretrained(model_dir)).from_pretrained(model_dir)
+    dataset = finetune.SupervisedDataset(DATA, make_encoder(tokenizer, template="auto", system_message=None))
+    loads = [tokens_per_expert(base, dataset[i]["input_ids"]) for i in range(len(dataset))]
+    # Uneven: within a sample some experts get more tokens than others, and the samples (so the ranks) differ.
+    assert len(set(loads)) == len(loads) and all(len(set(layer)) > 1 for load in loads for layer in load)
+    lora = ["--use_lora", "true", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0"] if kind == "lora" else []
+    common = ["--model_name_or_path", model_dir, "--data_path", DATA, "--max_steps", "2", "--per_device_train_batch_size",
+              "2", "--logging_steps", "1", "--seed", "0", "--save_strategy", "no", "--learning_rate",
+              "1e-2" if lora else "1e-3", *lora]
+    runs = {}
+    for engine, extra in (("ddp", []), ("zero3", ["--deepspeed", zero3_config(tmp_path)])):
+        runs[engine] = str(tmp_path / engine)
+        assert_success(torchrun(*common, "--output_dir", runs[engine], *extra))
+    tokens = max(e["num_input_tokens_seen"] for e in log_history(runs["ddp"]) if "loss" in e)
+    ddp, zero3 = ([e for e in log_history(runs[engine]) if "loss" in e] for engine in ("ddp", "zero3"))
+    assert len(ddp) == len(zero3) == 2
+    # Every step's loss (a sum over its tokens) and balancing loss, equal up to the other summation order.
+    assert_fp32_close([e["loss"] for e in zero3], [e["loss"] for e in ddp], 2 * tokens, "losses")
+    assert_fp32_close([e["router_aux_loss"] for e in zero3], [e["router_aux_loss"] for e in ddp], 2 * tokens,
+                      "router_aux_loss")
+    name = "adapter_model.safetensors" if lora else "model.safetensors"
+    expected, got = (load_file(os.path.join(runs[engine], name)) for engine in ("ddp", "zero3"))
+    assert expected.keys() == got.keys() and all(t.numel() > 0 for t in got.values())  # complete, nothing empty
+    if lora:
+        assert any(".experts." in key for key in got)
+    for key in expected:
+        assert_fp32_close(got[key], expected[key], 2 * backward_depth(tokens), key)
+
+
+@pytest.mark.e2e
+def test_the_launchers_defaults_train_a_qwen3_5_moe_whose_adapter_loads_merges_and_answers(tiny_models, tmp_path):
+    import peft
+
+    import merge_adapter
+
+    model_dir, out = tiny_models("qwen3_5_moe"), str(tmp_path / "lora")
+    result = run_cli(["bash", "finetune_lora.sh", "-m", model_dir, "-d", AGENT_DATA, "-o", out, "--max_steps", "4",
+                      "--learning_rate", "1e-2", "--save_strategy", "no", *LORA, *SHORT_RUN])
+    assert_success(result)  # the launchers' --lora_dropout 0.05 and all-linear: no traceback on the experts
+    logged = [e for e in log_history(out) if "loss" in e]
+    assert len(logged) == 4 and all(e["router_aux_loss"] > 0 for e in logged)
+    assert "router_aux_loss" in result.stdout + result.stderr  # users see it
+    saved = load_file(os.path.join(out, "adapter_model.safetensors"))
+    assert any(".mlp.experts." in key for key in saved) and not any(".mlp.gate." in key for key in saved)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    adapted = peft.PeftModel.from_pretrained(transformers.AutoModelForImageTextToText.from_pretrained(model_dir), out)
+    loaded = {n.replace(".default.", "."): p for n, p in adapted.named_parameters() if ".lora_" in n}
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)  # every tensor
+    merged = transformers.AutoModelForImageTextToText.from_pretrained(
+        merge_adapter.merge(out, str(tmp_path / "merged"), dtype="fp32"))
+    assert type(merged).__name__ == "Qwen3_5MoeForConditionalGeneration"
+    depth = forward_depth(len(tokenizer(PROMPT)["input_ids"]), layers=4) + 8
+    assert_fp32_close(logits_of(merged, tokenizer), logits_of(adapted, tokenizer), depth, "merged logits")

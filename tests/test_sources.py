@@ -194,7 +194,7 @@ def test_the_launcher_runs_an_example_config_with_overrides(tiny_qwen2, tmp_path
     for example in ("qlora.yaml", "full_zero3_node.yaml", "qwen3_6_27b_lora.yaml",
                     "qwen3_6_35b_a3b_lora.yaml"):  # every key of the other examples is a flag
         arguments = finetune.expand_config_files([os.path.join(ROOT, "examples", example)], parser)
-        assert arguments[arguments.index("--data_path") + 1].startswith("examples/data.jsonl")
+        assert any(word.startswith("--data_path=examples/data.jsonl") for word in arguments)
 
 
 def test_a_glob_never_follows_a_link_loop_and_counts_each_real_file_once(tokenizer, tmp_path, caplog):
@@ -213,7 +213,7 @@ def test_a_glob_never_follows_a_link_loop_and_counts_each_real_file_once(tokeniz
 def test_amounts_that_cannot_be_taken_are_one_line(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [conversation(f"A{i}") for i in range(10)])
     with pytest.raises(finetune.UserError, match=r"#100000000000: 100,000,000,000 samples would need .* GiB for "
-                                                 r"their indices alone, more than half of this machine's"):
+                                                 r"their indices alone, more than half of the .* GiB this job may use"):
         finetune.parse_sources([f"{path}#100000000000"])
     with pytest.raises(finetune.UserError, match=rf"--data_path {path}#0.01: that fraction of its 10 kept samples is "
                                                  "none; take a larger fraction or a count"):
@@ -227,3 +227,25 @@ def test_a_data_path_may_start_with_a_tilde(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     [source] = finetune.parse_sources(["~/a.jsonl#2"])
     assert source.parts == [str(tmp_path / "a.jsonl")]
+
+
+def test_every_name_of_one_file_counts_once_and_names_that_look_like_patterns_are_files(tmp_path):
+    os.makedirs(tmp_path / "g" / "sub")
+    first = write_jsonl(tmp_path / "g" / "a.jsonl", [conversation("A")])
+    os.link(first, tmp_path / "g" / "hard.jsonl")  # a hard link: another name, the same file
+    os.symlink(tmp_path / "g", tmp_path / "g" / "sub" / "up")  # a loop through a linked folder
+    os.makedirs(tmp_path / "elsewhere")
+    write_jsonl(tmp_path / "elsewhere" / "e.jsonl", [conversation("E")])
+    os.symlink(tmp_path / "elsewhere", tmp_path / "g" / "linked")  # a linked folder without a loop: followed
+    assert finetune.files_matching(str(tmp_path / "g" / "**" / "*.jsonl")) == [
+        first, str(tmp_path / "g" / "linked" / "e.jsonl")]
+    assert finetune.files_matching(str(tmp_path / "g" / "**")) == [first, str(tmp_path / "g" / "linked" / "e.jsonl")]
+    assert finetune.source_parts(str(tmp_path / "g")) == [first]  # a folder: its own files, each once
+    bracketed = write_jsonl(tmp_path / "run[1].jsonl", [conversation("R")])
+    assert finetune.source_parts(bracketed) == [bracketed]  # a file of that name, not a pattern
+
+
+def test_a_fraction_above_one_is_bounded_like_a_count(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [conversation(f"A{i}") for i in range(10)])
+    with pytest.raises(finetune.UserError, match=r"#50000000000000000.0: 500,000,000,000,000,000 samples would need"):
+        finetune.make_dataset([f"{path}#50000000000000000.0"], make_encoder(tokenizer), data_args(tmp_path))
