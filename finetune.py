@@ -26,12 +26,15 @@ The file reads top to bottom in the order a run happens:
 Label rule: only what the assistant says is trained (its reasoning, content and tool calls), plus the
 <|im_end|> that closes each assistant turn; an empty <think></think> block is not trained.
 """
+import argparse
 import contextlib
+import copy
 import fcntl
 import fnmatch
 import functools
 import glob
 import hashlib
+import io
 import json
 import logging
 import math
@@ -749,9 +752,114 @@ def sources_fingerprint(data_args, training_args):
 
 
 def recorded_fingerprint(folder):
+    return recorded_run_facts(folder).get("fingerprint")
+
+
+def recorded_run_facts(folder):
+    """What RecordTrainingData wrote into a checkpoint ({} for one written by an older release)."""
     with open(os.path.join(folder, "trainer_state.json")) as f:
         state = json.load(f)
-    return state.get("stateful_callbacks", {}).get(RecordTrainingData.__name__, {}).get("args", {}).get("fingerprint")
+    return state.get("stateful_callbacks", {}).get(RecordTrainingData.__name__, {}).get("args", {}) or {}
+
+
+def run_shape(training_args):
+    """How a run makes its global batch (the samples of one optimizer step): per device x accumulation x
+    data-parallel processes (a sequence-parallel group of processes counts as one)."""
+    data_parallel = training_args.world_size // training_args.sequence_parallel_size
+    return {"processes": training_args.world_size, "data_parallel": data_parallel,
+            "per_device": training_args.per_device_train_batch_size,
+            "accumulation": training_args.gradient_accumulation_steps,
+            "global_batch": training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+            * data_parallel, "zero_stage": deepspeed_zero_stage(training_args)}
+
+
+def fit_run_to_checkpoint(training_args, checkpoint):
+    """The training arguments that resume `checkpoint` as it was trained, on however many processes this run has.
+
+    The global batch (what the learning rate was tuned for) is kept: on another number of processes, or with
+    another --per_device_train_batch_size, gradient accumulation is set so that a step holds the same samples;
+    the Trainer's sampler orders samples independently of the processes, so step k+1 then trains exactly the
+    samples it would have. A DeepSpeed checkpoint of another number of processes (its optimizer state is split
+    per process) is converted into DeepSpeed's universal format and loaded from it. Returns `training_args` itself
+    when nothing changes, else a copy: the parsed arguments stay as the user gave them."""
+    recorded = recorded_run_facts(checkpoint).get("shape")
+    now = run_shape(training_args)
+    if not recorded or (recorded["global_batch"], recorded["processes"]) == (now["global_batch"], now["processes"]):
+        return training_args
+    per_pass = now["per_device"] * now["data_parallel"]
+    accumulation, rest = divmod(recorded["global_batch"], per_pass)
+    if rest or not accumulation:
+        raise UserError(no_accumulation_fits(checkpoint, recorded, now))
+    universal = recorded["processes"] != now["processes"] and now["zero_stage"] is not None
+    if universal and recorded["zero_stage"] != now["zero_stage"]:
+        raise UserError(f"{checkpoint} was written by DeepSpeed ZeRO-{recorded['zero_stage']}; resume it with the "
+                        "same --deepspeed config")
+    if universal:
+        agreed_by_all_ranks(make_universal_checkpoint, checkpoint)
+    log.info(f"resuming {checkpoint} ({recorded['processes']} processes, {recorded['per_device']} per device x "
+             f"{recorded['accumulation']} accumulation) on {now['processes']} processes, {now['per_device']} per "
+             f"device: gradient accumulation {accumulation} keeps its global batch of {recorded['global_batch']}")
+    return with_accumulation(training_args, accumulation, universal)
+
+
+def no_accumulation_fits(checkpoint, recorded, now):
+    """One line: why the global batch cannot be kept, and values that would keep it."""
+    global_batch, sequence = recorded["global_batch"], now["processes"] // now["data_parallel"]
+    sizes = [b for b in range(1, global_batch + 1) if global_batch % (b * now["data_parallel"]) == 0]
+    processes = [d * sequence for d in range(1, global_batch // now["per_device"] + 1)
+                 if global_batch % (now["per_device"] * d) == 0]
+    return (f"{checkpoint} was trained with a global batch of {global_batch} samples a step ({recorded['per_device']} "
+            f"per device x {recorded['accumulation']} accumulation x {recorded['data_parallel']} data-parallel "
+            f"processes); {now['per_device']} per device on {now['data_parallel']} cannot make {global_batch} with "
+            f"any accumulation: use --per_device_train_batch_size {' or '.join(map(str, sizes[:6])) or '?'} here, "
+            f"or {' or '.join(map(str, processes[:6]))} processes")
+
+
+def with_accumulation(training_args, accumulation, universal):
+    """A copy of the arguments with another gradient accumulation, and for DeepSpeed a config made again from the
+    user's file for it (the Trainer does the same when it changes its batch size), loading a universal checkpoint
+    if `universal`."""
+    adjusted = copy.copy(training_args)
+    adjusted.gradient_accumulation_steps = accumulation
+    if adjusted.deepspeed:
+        from accelerate.utils import DeepSpeedPlugin
+        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+        config = adjusted.deepspeed
+        if not isinstance(config, dict):
+            with open(config) as f:
+                config = json.load(f)
+        config = copy.deepcopy(config)
+        if universal:
+            config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
+        adjusted.hf_deepspeed_config = HfTrainerDeepSpeedConfig(config)
+        adjusted.hf_deepspeed_config.trainer_config_process(adjusted)
+        adjusted.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=adjusted.hf_deepspeed_config)
+    return adjusted
+
+
+def make_universal_checkpoint(checkpoint):
+    """DeepSpeed's universal form of a checkpoint's ZeRO state (every parameter's weights and optimizer state
+    whole, loadable by any number of processes), made once with DeepSpeed's own ds_to_universal beside the
+    original and named in `latest_universal`, which DeepSpeed reads when its config says load_universal."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    with open(os.path.join(checkpoint, "latest")) as f:
+        tag = f.read().strip()
+    universal = os.path.join(checkpoint, f"{tag}_universal")
+    if not os.path.isdir(universal):
+        log.info(f"{checkpoint}: converting its DeepSpeed state to the universal format for another number of "
+                 "processes (once)")
+        building = universal + ".building"
+        shutil.rmtree(building, ignore_errors=True)
+        args = argparse.Namespace(input_folder=os.path.join(checkpoint, tag), output_folder=building,
+                                  num_extract_workers=min(4, os.cpu_count() or 1), num_merge_workers=2,
+                                  keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress report, in print()s
+            ds_to_universal.main(args)
+        os.rename(building, universal)
+    with open(os.path.join(checkpoint, "latest_universal"), "w") as f:
+        f.write(os.path.basename(universal))
 
 
 def resolve_resume_checkpoint(training_args, model_args=None, lora_args=None, fingerprint=None):
@@ -994,6 +1102,12 @@ def uses_zero3():
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     return is_deepspeed_zero3_enabled()
+
+
+def deepspeed_zero_stage(training_args):
+    """The ZeRO stage of --deepspeed, or None without DeepSpeed."""
+    config = getattr(training_args, "hf_deepspeed_config", None)
+    return config.config.get("zero_optimization", {}).get("stage", 0) if training_args.deepspeed and config else None
 
 
 def check_distributed_setup(training_args, lora_args):
@@ -3244,18 +3358,19 @@ class StopOnDivergence(transformers.TrainerCallback):
 
 
 class RecordTrainingData(transformers.TrainerCallback, transformers.trainer_callback.ExportableState):
-    """Writes the training data's content hash into every checkpoint's trainer_state.json, for resume to compare."""
+    """Writes into every checkpoint's trainer_state.json what a resume compares: the training data's content hash,
+    and the run's shape (run_shape: processes, per-device batch, accumulation, global batch, engine)."""
 
-    def __init__(self, fingerprint):
-        self.fingerprint = fingerprint
+    def __init__(self, fingerprint, shape=None):
+        self.fingerprint, self.shape = fingerprint, shape
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # transformers 5.x: a resumed state (an older checkpoint) lacks our entry, and the Trainer's checkpoint
-        # save looks every exportable callback up by name.
-        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
+        # transformers 5.x: a resumed state (an older checkpoint) has an older entry, or none; the Trainer's
+        # checkpoint save looks every exportable callback up by name.
+        state.stateful_callbacks[type(self).__name__] = self.state()
 
     def state(self):
-        return {"args": {"fingerprint": self.fingerprint}, "attributes": {}}
+        return {"args": {"fingerprint": self.fingerprint, "shape": self.shape}, "attributes": {}}
 
 
 def plot_training_curves(log_history, path):
@@ -3285,6 +3400,23 @@ def plot_training_curves(log_history, path):
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+class SeededLengthGroupedSampler(transformers.trainer_pt_utils.LengthGroupedSampler):
+    """Length grouping by global batch (samples of similar length in one optimizer step), in an order that depends on
+    --seed and the epoch alone, like the Trainer's own sampler: not on the number of processes, not on the random
+    state of the moment. A run resumed on other processes then trains the same samples in each step.
+
+    The epoch is the Trainer state's (`epoch_of`): resuming mid-epoch under several processes, accelerate wraps
+    the sampler one level deeper than its set_epoch reaches, and the order would be the first epoch's."""
+
+    def __init__(self, global_batch, dataset, lengths, seed, epoch_of):
+        super().__init__(global_batch, dataset=dataset, lengths=lengths)
+        self.seed, self.epoch_of = seed, epoch_of
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch_of())
+        return super().__iter__()
 
 
 class FinetuneTrainer(transformers.Trainer):
@@ -3415,11 +3547,9 @@ class FinetuneTrainer(transformers.Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
-            return transformers.trainer_pt_utils.LengthGroupedSampler(
-                self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                dataset=dataset,
-                lengths=list(dataset.lengths),
-            )
+            return SeededLengthGroupedSampler(run_shape(self.args)["global_batch"], dataset=dataset,
+                                              lengths=list(dataset.lengths), seed=self.args.data_seed or self.args.seed,
+                                              epoch_of=lambda: int(self.state.epoch or 0))
         return super()._get_train_sampler(train_dataset)
 
     def save_model(self, output_dir=None, _internal_call=False):
@@ -3470,6 +3600,8 @@ def train(argv=None):
         resolve_resume_checkpoint, training_args, model_args, lora_args, fingerprint)
     if weights_from:
         start_from_weights_of(weights_from, model_args, lora_args)
+    if resume_from:
+        training_args = fit_run_to_checkpoint(training_args, resume_from)
 
     tokenizer = load_tokenizer(model_args, training_args)
     if not data_args.preprocess_only:
@@ -3505,7 +3637,7 @@ def train(argv=None):
     )
     stop_on_signal = StopOnSignal(trainer.divergence)
     trainer.add_callback(stop_on_signal)
-    trainer.add_callback(RecordTrainingData(fingerprint))
+    trainer.add_callback(RecordTrainingData(fingerprint, run_shape(training_args)))
     if resume_from:
         log.info(f"resuming from {resume_from}")
     elif training_args.overwrite_output_dir:
