@@ -154,6 +154,11 @@ class DataArguments:
                   "'{\"preserve_thinking\": true}' (Qwen3.6/3.8), '{\"enable_thinking\": false}', "
                   "'{\"reasoning_effort\": \"low\"}' (Qwen3.8); as vLLM's API takes them. --template auto only."},
     )
+    mask_history: bool = field(
+        default=False,
+        metadata={"help": "Train only the last assistant turn of each sample; the earlier ones (a conversation's "
+                  "earlier turns, an Alpaca record's history) are context."},
+    )
     preprocess_only: bool = field(
         default=False,
         metadata={"help": "Load only the tokenizer, report on the data, write tokenized_train.jsonl, and exit."},
@@ -746,8 +751,8 @@ def sources_fingerprint(data_args, training_args):
     takes = [source.take for source in sources]
     selection = json.dumps([takes, training_args.seed if any(take is not None for take in takes) or
                             data_args.val_size else None, data_args.val_size, data_args.template,
-                            data_args.system_message, data_args.chat_template_kwargs,
-                            training_args.model_max_length])
+                            data_args.system_message, data_args.chat_template_kwargs, data_args.mask_history,
+                            [source.mapping for source in sources], training_args.model_max_length])
     return hashlib.sha256((data_fingerprint([p for s in sources for p in s.parts]) + selection).encode()).hexdigest()
 
 
@@ -899,9 +904,8 @@ def resolve_resume_checkpoint(training_args, model_args=None, lora_args=None, fi
     if training_args.resume_on_new_data:
         return None, set_aside_checkpoints(training_args.output_dir, checkpoint, recorded)
     raise UserError(f"{checkpoint} was trained on other data than --data_path now holds, or with other "
-                    "--model_max_length, --template, --system_message, --chat_template_kwargs, --val_size or mix "
-                    "(content hash "
-                    f"{recorded[:12]} then, {fingerprint[:12]} now); start afresh with --overwrite_output_dir true, "
+                    "--model_max_length, --template, --system_message, --chat_template_kwargs, --mask_history, "
+                    f"--val_size or mix (content hash {recorded[:12]} then, {fingerprint[:12]} now); start afresh with --overwrite_output_dir true, "
                     "or continue from its weights on the new data with --resume_on_new_data true")
 
 
@@ -1405,6 +1409,7 @@ class Source:
     spec: str  # as given, e.g. "chat.jsonl#20000"
     parts: list  # file paths, or one HUB_PREFIX + dataset id
     take: Optional[float] = None  # None: every sample; an int: that many; a float: that fraction
+    mapping: Optional[dict] = None  # a LLaMA-Factory entry's formatting, columns and tags (from_llama_factory)
 
     @property
     def matched_files(self):
@@ -1416,7 +1421,8 @@ class Source:
 
 def parse_sources(specs):
     """--data_path entries as Sources: files, folders (every .json, .jsonl and .parquet inside, in name order), glob
-    patterns, dataset ids; each with an optional #count or #fraction."""
+    patterns, dataset ids, LLaMA-Factory dataset_info.json entries (PATH:NAME); each with an optional #count or
+    #fraction."""
     sources = []
     for spec in specs:
         location, take = spec, None
@@ -1424,7 +1430,12 @@ def parse_sources(specs):
         if head and re.fullmatch(r"\d+|\d*\.\d+|\d+\.", amount):
             location, take = head, float(amount) if "." in amount else int(amount)
             check_amount(spec, take)
-        sources.append(Source(spec, source_parts(os.path.expanduser(location)), take))
+        location = os.path.expanduser(location)
+        if entry := llama_factory_location(location):
+            parts, mapping, entry_take = llama_factory_source(*entry, spec)
+            sources.append(Source(spec, parts, take if take is not None else entry_take, mapping))
+        else:
+            sources.append(Source(spec, source_parts(location), take))
     return sources
 
 
@@ -1519,6 +1530,120 @@ def each_file_once(paths):
             seen.add(key)
             files.append(path)
     return files
+
+
+LLAMA_FACTORY_INFO = "dataset_info.json"
+# LLaMA-Factory's columns and tags when its dataset_info.json entry names none (an entry that names some leaves
+# the others unset, as LLaMA-Factory reads it).
+LLAMA_FACTORY_COLUMNS = {
+    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "history": None, "system": None,
+               "tools": None},
+    "sharegpt": {"messages": "conversations", "system": None, "tools": None},
+}
+LLAMA_FACTORY_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                      "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+# What each tag's role is among the roles parse_message knows.
+LLAMA_FACTORY_ROLES = {"user_tag": "user", "assistant_tag": "assistant", "observation_tag": "observation",
+                       "function_tag": "function_call", "system_tag": "system"}
+
+
+def llama_factory_location(location):
+    """(its dataset_info.json, the dataset's name) for PATH:NAME, PATH a LLaMA-Factory dataset_info.json or a folder
+    holding one; else None."""
+    head, colon, name = location.rpartition(":")
+    if not colon or not head or not name:
+        return None
+    info = os.path.join(head, LLAMA_FACTORY_INFO) if os.path.isdir(head) else head
+    return (info, name) if os.path.isfile(info) and info.endswith(".json") else None
+
+
+def llama_factory_source(info_path, name, spec):
+    """(parts, sample mapping, #N) of a LLaMA-Factory dataset_info.json entry, read as LLaMA-Factory reads it: its
+    file_name (or folder) beside the dataset_info.json, or its hf_hub_url from the local datasets cache; its
+    formatting (alpaca or sharegpt), columns and tags; its num_samples. What cannot be honoured here is one line."""
+    try:
+        with open(info_path, encoding="utf-8-sig") as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--data_path {spec}: cannot read {info_path} ({first_line(e)})") from None
+    entry = info.get(name) if isinstance(info, dict) else None
+    if not isinstance(entry, dict):
+        known = ", ".join(sorted(info)[:8]) if isinstance(info, dict) else "nothing"
+        raise UserError(f"--data_path {spec}: {info_path} has no dataset '{name}' (it has {known}...)")
+    if problem := llama_factory_problem(entry):
+        raise UserError(f"--data_path {spec}: the entry '{name}' {problem}")
+    formatting = entry.get("formatting", "alpaca")
+    columns = dict(LLAMA_FACTORY_COLUMNS[formatting])
+    if isinstance(entry.get("columns"), dict):
+        columns = {column: entry["columns"].get(column) for column in columns}
+    tags = dict(LLAMA_FACTORY_TAGS)
+    if formatting == "sharegpt" and isinstance(entry.get("tags"), dict):
+        tags = {tag: entry["tags"].get(tag) for tag in tags}
+    if "hf_hub_url" in entry:
+        split = entry.get("split", "train")
+        parts = [HUB_PREFIX + entry["hf_hub_url"] + (f":{split}" if split != "train" else "")]
+    else:
+        parts = source_parts(os.path.join(os.path.dirname(info_path), entry["file_name"]))
+    return parts, {"formatting": formatting, "columns": columns, "tags": tags}, entry.get("num_samples")
+
+
+def llama_factory_problem(entry):
+    """Why a dataset_info.json entry cannot be trained here as LLaMA-Factory would, or None."""
+    columns = entry.get("columns") if isinstance(entry.get("columns"), dict) else {}
+    if entry.get("ranking") or any(columns.get(key) for key in ("chosen", "rejected", "kto_tag")):
+        return "is preference data (chosen and rejected answers), which supervised fine-tuning does not train"
+    if media := [key for key in ("images", "videos", "audios") if columns.get(key)]:
+        return f"has {' and '.join(media)}: this script fine-tunes on text only"
+    if entry.get("formatting", "alpaca") not in LLAMA_FACTORY_COLUMNS:
+        return f"has formatting '{entry['formatting']}'; alpaca and sharegpt are read"
+    if "hf_hub_url" not in entry and "file_name" not in entry:
+        where = ("ModelScope (ms_hub_url)" if "ms_hub_url" in entry else "a loading script (script_url)"
+                 if "script_url" in entry else "nowhere")
+        return f"comes from {where}, which cannot be reached here; download it and give its file_name"
+    if "hf_hub_url" in entry and (entry.get("subset") or entry.get("folder")):
+        return "names a subset or folder of a hub dataset, which is not read here; download it and give its file_name"
+    return None
+
+
+def from_llama_factory(sample, mapping, where):
+    """A sample of a LLaMA-Factory entry as the sample it stands for in our formats, through the entry's columns and
+    tags; fields the entry does not name are left out, as LLaMA-Factory leaves them."""
+    if not isinstance(sample, dict):
+        return sample  # parse_sample says what is wrong with it
+    columns, tags = mapping["columns"], mapping["tags"]
+
+    def column(key):
+        return sample.get(columns[key]) if columns.get(key) else None
+
+    if mapping["formatting"] == "alpaca":
+        if column("response") is None:
+            raise DataError(f"{where}: has no '{columns['response']}' (the entry's response column)")
+        converted = {"instruction": column("prompt") or "", "input": column("query") or "",
+                     "output": column("response")}
+        if column("history") is not None:
+            converted["history"] = column("history")
+    else:
+        turns = column("messages")
+        if not isinstance(turns, list):
+            raise DataError(f"{where}: its '{columns['messages']}' (the entry's messages column) is not a list")
+        roles = {tags[tag]: role for tag, role in LLAMA_FACTORY_ROLES.items() if tags.get(tag)}
+        role_tag, content_tag = tags["role_tag"], tags["content_tag"]
+        converted_turns = []
+        for i, turn in enumerate(turns):
+            if isinstance(turn, dict):
+                if turn.get(role_tag) not in roles:
+                    raise DataError(f"{where}: message {i} has {role_tag} {turn.get(role_tag)!r}, none of the "
+                                    f"entry's tags ({', '.join(map(str, roles))})")
+                rest = {key: value for key, value in turn.items() if key not in (role_tag, content_tag)}
+                turn = {**rest, "from": roles[turn[role_tag]], "value": turn.get(content_tag)}
+            converted_turns.append(turn)
+        converted = {"conversations": converted_turns}
+    for key in ("system", "tools"):
+        leading_system = key == "system" and converted.get("conversations") and \
+            isinstance(converted["conversations"][0], dict) and converted["conversations"][0]["from"] == "system"
+        if column(key) is not None and not leading_system:  # a leading system message wins, as in LLaMA-Factory
+            converted[key] = column(key)
+    return converted
 
 
 def detect_format(path):
@@ -1656,12 +1781,20 @@ def parse_json(text, where, with_line=False):
     raise DataError(f"{where}: not valid JSON ({detail})")
 
 
-def parse_sample(sample: dict, where: str, forbidden_tokens: list[str]) -> Conversation:
-    """Check one raw sample in either supported format and return it as a Conversation."""
+def parse_sample(sample: dict, where: str, forbidden_tokens: list[str], mask_history: bool = False) -> Conversation:
+    """Check one raw sample in any supported format and return it as a Conversation; with `mask_history` only its
+    last assistant message is trained."""
     if not isinstance(sample, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(sample).__name__}")
-    if ("conversations" in sample) == ("messages" in sample):
-        raise DataError(f"{where}: expected exactly one of the fields 'conversations' and 'messages'")
+    formats = [name for name, present in (("'conversations'", "conversations" in sample),
+                                          ("'messages'", "messages" in sample),
+                                          ("'instruction'/'output' (Alpaca)", "instruction" in sample or
+                                           "output" in sample)) if present]
+    if len(formats) != 1:
+        raise DataError(f"{where}: expected one of the fields 'conversations', 'messages' or 'instruction' and "
+                        f"'output' (Alpaca); it has {' and '.join(formats) if formats else 'none of them'}")
+    if "messages" not in sample and "conversations" not in sample:
+        sample = alpaca_as_messages(sample, where, forbidden_tokens)
     turns = sample.get("conversations", sample.get("messages"))
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: 'conversations'/'messages' must be a non-empty list of messages")
@@ -1680,11 +1813,48 @@ def parse_sample(sample: dict, where: str, forbidden_tokens: list[str]) -> Conve
         raise DataError(f"{where}: no assistant message, so nothing to train on")
     if not any(is_trained(message) for message in messages):
         raise DataError(f"{where}: every assistant message has 'weight' 0, so nothing to train on")
+    if mask_history:  # --mask_history: the earlier turns are context
+        last = max(i for i, message in enumerate(messages) if is_trained(message))
+        for message in messages[:last]:
+            if message["role"] == "assistant":
+                message["weight"] = 0
     return Conversation(system, messages, parse_tools(sample.get("tools"), where, forbidden_tokens), where)
 
 
+ALPACA_TEXT_FIELDS = ("instruction", "input", "output")
+
+
+def alpaca_as_messages(sample, where, forbidden_tokens):
+    """An Alpaca record as the conversation it stands for: each `history` pair [instruction, output] a user and an
+    assistant turn, then the instruction with the input on the line below it (joined by a newline where both are
+    there, as LLaMA-Factory and Stanford Alpaca's data do) and the output; `system` and `tools` as they are."""
+    fields = {}
+    for key in ALPACA_TEXT_FIELDS:
+        value = sample.get(key)
+        if value is None and key != "output":
+            value = ""
+        if not isinstance(value, str):
+            got = "nothing" if value is None else type(value).__name__
+            raise DataError(f"{where}: the '{key}' field of an Alpaca record must be a string, got {got}")
+        check_text(value, f"{where}: the '{key}' field", forbidden_tokens)
+        fields[key] = value
+    history = sample.get("history") or []
+    if not isinstance(history, list):
+        raise DataError(f"{where}: 'history' must be a list of [instruction, output] pairs")
+    messages = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(text, str) for text in pair)):
+            raise DataError(f"{where}: history pair {i} is not [instruction, output], two strings")
+        for text in pair:
+            check_text(text, f"{where}: history pair {i}", forbidden_tokens)
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    prompt = "\n".join(part for part in (fields["instruction"], fields["input"]) if part)
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": fields["output"]}]
+    return {"messages": messages, **{key: sample[key] for key in ("system", "tools") if key in sample}}
+
+
 def parse_message(turn, where, forbidden_tokens):
-    """One message of either format as an OpenAI-style dict; `where` names the sample and the message."""
+    """One message of any format as an OpenAI-style dict; `where` names the sample and the message."""
     if not isinstance(turn, dict):
         raise DataError(f"{where} is not a JSON object")
     role_key = "role" if "role" in turn else "from"
@@ -1700,6 +1870,14 @@ def parse_message(turn, where, forbidden_tokens):
         message["content"], message["tool_calls"] = "", parse_tool_calls(
             calls if isinstance(calls, list) else [calls], where, forbidden_tokens)
         return message
+    turn = dict(turn)
+    if isinstance(text, list):  # content as parts: text, and on an assistant message reasoning and tool calls
+        text, reasoning, calls = content_parts(text, where)
+        for key, value in (("reasoning_content", reasoning), ("tool_calls", calls)):
+            if value:
+                if turn.get(key):
+                    raise DataError(f"{where}: has {key} both as content parts and as '{key}'; keep one")
+                turn[key] = value
     for key in ("tool_calls", "function_call", "reasoning_content"):
         if turn.get(key) and message["role"] != "assistant":
             raise DataError(f"{where}: '{key}' belongs on assistant messages, not on a {role} message")
@@ -1719,11 +1897,7 @@ def parse_message(turn, where, forbidden_tokens):
         raise DataError(f"{where} {problem} 'content' (or 'value') field")
     check_text(text, where, forbidden_tokens)
     message["content"] = text
-    weight = turn.get("weight")
-    if weight is not None:  # OpenAI's fine-tuning format: weight 0 keeps an assistant message out of training
-        if message["role"] != "assistant" or weight not in (0, 1) or isinstance(weight, bool):
-            raise DataError(f"{where}: 'weight' must be 0 or 1, on assistant messages only; got {weight!r} on a "
-                            f"{role} message")
+    if (weight := message_weight(turn, where)) is not None and message["role"] == "assistant":
         message["weight"] = weight
     reasoning = turn.get("reasoning_content")
     if reasoning is not None:
@@ -1732,6 +1906,48 @@ def parse_message(turn, where, forbidden_tokens):
         check_text(reasoning, f"{where}: its 'reasoning_content'", forbidden_tokens)
         message["reasoning_content"] = reasoning
     return message
+
+
+def message_weight(turn, where):
+    """OpenAI's 'weight' (LLaMA-Factory's 'loss_weight'), 0 or 1: 0 keeps an assistant message out of training. Only
+    assistant messages are trained: on any other, 0 says nothing new and 1 is refused."""
+    keys = [key for key in ("weight", "loss_weight") if turn.get(key) is not None]
+    if len(keys) > 1:
+        raise DataError(f"{where}: has both 'weight' and 'loss_weight'; keep one")
+    if not keys:
+        return None
+    weight = turn[keys[0]]
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise DataError(f"{where}: '{keys[0]}' must be 0 or 1, got {weight!r}")
+    role = turn.get("role", turn.get("from"))
+    if weight and ROLE_NAMES.get(role) != "assistant":
+        raise DataError(f"{where}: '{keys[0]}' 1 on a {role} message: only what the assistant says is trained")
+    return int(weight)
+
+
+# The types of content parts (OpenAI's, LLaMA-Factory's) that are not text: refused, this script trains on text.
+NON_TEXT_PARTS = ("image", "image_url", "input_image", "video", "video_url", "audio", "input_audio", "file")
+
+
+def content_parts(parts, where):
+    """(text, reasoning, tool calls) of a content given as a list of typed parts, each kind joined in order as the
+    Qwen3.5 chat template joins text parts (directly, no separator): {"type": "text", "text" or "value": ...},
+    {"type": "reasoning", ...} (its reasoning_content), {"type": "tool_call", "value": a call as JSON}."""
+    text, reasoning, calls = [], [], []
+    for k, part in enumerate(parts):
+        kind = part.get("type", "text") if isinstance(part, dict) else None
+        if kind in NON_TEXT_PARTS or (isinstance(part, dict) and any(key in part for key in NON_TEXT_PARTS)):
+            raise DataError(f"{where}: content part {k} is of type '{kind}'; this script fine-tunes on text only "
+                            "(leave images, audio and video out of the data)")
+        value = part.get("text", part.get("value")) if isinstance(part, dict) else None
+        if kind == "tool_call":
+            calls.append(parse_json(value, f"{where}: content part {k}") if isinstance(value, str) else value)
+            continue
+        if kind not in ("text", "reasoning") or not isinstance(value, str):
+            raise DataError(f"{where}: content part {k} is not a text, reasoning or tool_call part with a string "
+                            f"'text' (or 'value'), got {json.dumps(part, ensure_ascii=False)[:80]}")
+        (text if kind == "text" else reasoning).append(value)
+    return "".join(text), "".join(reasoning) or None, calls
 
 
 def parse_tool_calls(calls, where, forbidden_tokens):
@@ -1950,7 +2166,8 @@ TOKENIZER_LOCATION_KEYS = ("name_or_path", "vocab_file", "merges_file", "tokeniz
 class ChatEncoder:
     """Turns Conversations into {input_ids, labels}: render once, tokenize the whole text at once, cut, label."""
 
-    def __init__(self, tokenizer, model_max_length, system_message=None, template="auto", template_kwargs=None):
+    def __init__(self, tokenizer, model_max_length, system_message=None, template="auto", template_kwargs=None,
+                 mask_history=False):
         if not tokenizer.is_fast:
             raise UserError(
                 f"the tokenizer of this model ({type(tokenizer).__name__}) is not a fast tokenizer; exact labels "
@@ -1969,6 +2186,8 @@ class ChatEncoder:
         if self.template == "chatml" and system_message is None:
             system_message = DEFAULT_SYSTEM_MESSAGE
         self.system_message = system_message
+        self.mask_history = mask_history  # --mask_history: only the last assistant turn of each sample is trained
+        self.mapping = None  # see for_source
         # Every special token is a control token: plain text spelling one would silently become it.
         self.forbidden_tokens = sorted(set(tokenizer.all_special_tokens))
         # No token spans more characters than the vocabulary's longest entry has bytes: text beyond twice that many
@@ -1993,8 +2212,18 @@ class ChatEncoder:
                                sort_keys=True, default=lambda value: getattr(value, "__getstate__", value.__repr__)())
         return hashlib.sha256(described.encode()).hexdigest()
 
+    def for_source(self, mapping):
+        """This encoder for the samples of one source: a LLaMA-Factory entry's mapping applied before parsing."""
+        if not mapping:
+            return self
+        encoder = copy.copy(self)  # the tokenizer, template and probes shared
+        encoder.mapping = mapping
+        return encoder
+
     def parse(self, sample, where):
-        conversation = parse_sample(sample, where, self.forbidden_tokens)
+        if self.mapping:
+            sample = from_llama_factory(sample, self.mapping, where)
+        conversation = parse_sample(sample, where, self.forbidden_tokens, self.mask_history)
         if self.template == "chatml" and (feature := conversation.tool_or_reasoning_feature()):
             remedy = "this tokenizer has no chat template to render it with" if self.requested_template == "auto" \
                 else "use --template auto (the model's own chat template) for tools, tool calls and reasoning"
@@ -2144,7 +2373,8 @@ def tokenized_cache_entry(path, encoder):
         "tokenizer": encoder.tokenizer_fingerprint,
         "special_tokens": encoder.forbidden_tokens, "chat_template": encoder.tokenizer.chat_template,
         "template": encoder.template, "system_message": encoder.system_message,
-        "template_kwargs": encoder.template_kwargs,
+        "template_kwargs": encoder.template_kwargs, "mask_history": encoder.mask_history,
+        "mapping": encoder.mapping,
         "model_max_length": encoder.model_max_length,
     }
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:32]
@@ -2560,8 +2790,9 @@ def make_dataset(specs, encoder, data_args, seed=0, lazy=None):
     lazy = data_args.lazy_preprocess if lazy is None else lazy
     parts, part_of, index_in_part, reports = [], [], [], []
     for k, source in enumerate(parse_sources(split_names(specs))):
-        datasets = [LazySupervisedDataset(path, encoder) if lazy else
-                    SupervisedDataset(path, encoder, cache_dir=data_args.data_cache_dir,
+        source_encoder = encoder.for_source(source.mapping)
+        datasets = [LazySupervisedDataset(path, source_encoder) if lazy else
+                    SupervisedDataset(path, source_encoder, cache_dir=data_args.data_cache_dir,
                                       num_workers=data_args.preprocessing_num_workers) for path in source.parts]
         sizes = np.array([len(d) for d in datasets])
         if isinstance(source.take, float) and sizes.sum():
@@ -3611,7 +3842,7 @@ def train(argv=None):
         check_moe_flags(model_config, model_args, training_args, lora_args)
         check_lora_targets(model_config, lora_args)
     encoder = ChatEncoder(tokenizer, training_args.model_max_length, data_args.system_message,
-                          data_args.template, data_args.chat_template_kwargs)
+                          data_args.template, data_args.chat_template_kwargs, data_args.mask_history)
     if data_args.preprocess_only:
         dataset, held_out = make_dataset(data_args.data_path, encoder, data_args, training_args.seed, lazy=False), []
         if data_args.val_size:  # the same split as training, so that held-out samples are not shown as trained

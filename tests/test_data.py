@@ -145,7 +145,9 @@ BAD_SAMPLES = {
     "missing role": ({"messages": [{"content": "a"}]}, "message 0 has no 'role' (or 'from') field"),
     "non-string role": ({"messages": [{"role": ["user"], "content": "a"}]}, "message 0 has unknown role ['user']"),
     "no assistant": ({"messages": [{"role": "user", "content": "a"}]}, "no assistant message"),
-    "no messages field": ({"text": "hello"}, "exactly one of the fields 'conversations' and 'messages'"),
+    "no messages field": ({"text": "hello"}, "expected one of the fields 'conversations', 'messages' or "
+                                             "'instruction' and 'output' (Alpaca); it has none of them"),
+    "two formats": ({"instruction": "a", "output": "b", **GOOD}, "it has 'messages' and 'instruction'/'output'"),
     "empty messages": ({"messages": []}, "must be a non-empty list"),
     "not an object": (["user", "hi"], "expected a JSON object, got list"),
     "non-string system": ({"system": 3, **GOOD}, "the 'system' field must be a string"),

@@ -39,9 +39,9 @@ BAD_LINES = {
     "nested brackets": ("[" * 100_000 + "]" * 100_000, "line 2: not valid JSON (nested too deeply)"),
     "huge integer": ('{"n": ' + "9" * 5000 + "}", "line 2: not valid JSON (Exceeds the limit"),
     "Infinity literal": (GOOD_LINE[:-1] + ', "score": Infinity}', "line 2: not valid JSON (Infinity is not a JSON"),
-    "weight on a user message": ('{"messages": [{"role": "user", "content": "a", "weight": 0}, '
+    "weight on a user message": ('{"messages": [{"role": "user", "content": "a", "weight": 1}, '
                                  '{"role": "assistant", "content": "b"}]}',
-                                 "line 2: message 0: 'weight' must be 0 or 1, on assistant messages only"),
+                                 "line 2: message 0: 'weight' 1 on a user message: only what the assistant says"),
     "weight 2": ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", '
                  '"weight": 2}]}', "'weight' must be 0 or 1"),
     "every weight 0": ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", '
