@@ -34,6 +34,8 @@ import fnmatch
 import functools
 import glob
 import hashlib
+import importlib.metadata
+import importlib.util
 import io
 import json
 import logging
@@ -248,10 +250,29 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "MoE models: weight of the router's load-balancing loss in the training loss (default: the "
                   "model's router_aux_loss_coef, 0.001 on Qwen's); logged as router_aux_loss; 0 turns it off."},
     )
+    eval_generations: int = field(
+        default=0,
+        metadata={"help": "At every evaluation, reply (greedily) to the first N evaluation prompts: written with the "
+                  "step to eval_generations.jsonl in output_dir and shown by --report_to."},
+    )
+    eval_max_new_tokens: int = field(default=256, metadata={"help": "The longest reply --eval_generations writes."})
+    early_stopping_patience: Optional[int] = field(
+        default=None,
+        metadata={"help": "Stop when --metric_for_best_model (default eval_loss) has not improved for this many "
+                  "evaluations in a row; the result is then the best checkpoint (--load_best_model_at_end)."},
+    )
+    early_stopping_threshold: float = field(
+        default=0.0, metadata={"help": "How much --metric_for_best_model must improve to count, for early stopping."}
+    )
 
     def __post_init__(self):
         if self.group_by_length:
             self.train_sampling_strategy = "group_by_length"
+        evaluates = transformers.trainer_utils.IntervalStrategy(self.eval_strategy) != "no"  # ValueError: one line
+        if evaluates and self.metric_for_best_model is None:
+            self.metric_for_best_model = "eval_loss"  # what names the best checkpoint, which rotation then keeps
+        if self.early_stopping_patience is not None and evaluates:
+            self.load_best_model_at_end = True  # the Trainer's own early stopping wants the best as the result
         super().__post_init__()
         if not torch.cuda.is_available():
             # Workaround (transformers 5.24, torch 2.13): the Trainer pins memory by default, which needs an
@@ -310,8 +331,8 @@ def parse_arguments(argv=None):
     argv = prepare_launch_environment(argv)
     try:
         model_args, data_args, training_args, lora_args = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as e:  # unknown flags and combinations the Trainer rejects
-        raise UserError(first_line(e)) from None
+    except ValueError as e:  # unknown flags and combinations the Trainer rejects (some in a list of lines)
+        raise UserError(" ".join(line.strip().removeprefix("- ") for line in str(e).splitlines())) from None
     check_arguments(data_args, training_args, lora_args)
     check_model_arguments(model_args)
     check_distributed_setup(training_args, lora_args)
@@ -530,8 +551,72 @@ def check_arguments(data_args, training_args, lora_args):
     if val_size and data_args.eval_data_path:
         raise UserError("--val_size cannot be combined with --eval_data_path")
     check_numbers(training_args, lora_args)
+    check_evaluation_flags(data_args, training_args)
+    check_report_to(training_args.report_to)
     if lora_args.lora_weight_path and not os.path.isfile(os.path.join(lora_args.lora_weight_path, "adapter_config.json")):
         raise UserError(f"--lora_weight_path {lora_args.lora_weight_path}: no adapter_config.json in that folder")
+
+
+def check_evaluation_flags(data_args, training_args):
+    """Evaluation, its sample replies and early stopping: combinations the Trainer would only reject once the model
+    has loaded (or at the first evaluation), refused now."""
+    has_eval_data = bool(data_args.eval_data_path or data_args.val_size)
+    evaluates = training_args.eval_strategy != "no"
+    if evaluates and not has_eval_data:
+        raise UserError(f"--eval_strategy {training_args.eval_strategy.value} needs evaluation data: --eval_data_path "
+                        "or --val_size")
+    if training_args.early_stopping_patience is not None:
+        if training_args.early_stopping_patience < 1:
+            raise UserError(f"--early_stopping_patience must be at least 1, got {training_args.early_stopping_patience}")
+        if not evaluates:
+            raise UserError("--early_stopping_patience needs evaluations to compare: --eval_strategy steps (with "
+                            "--eval_steps) or epoch, and evaluation data")
+    if training_args.early_stopping_threshold < 0:
+        raise UserError(f"--early_stopping_threshold must be zero or more, got {training_args.early_stopping_threshold}")
+    if training_args.load_best_model_at_end and training_args.save_strategy == "steps" and \
+            training_args.save_steps != training_args.eval_steps:
+        # The Trainer accepts a multiple; an evaluation without a checkpoint could then be the best, and the result
+        # would silently be another one.
+        raise UserError(f"--load_best_model_at_end (set by --early_stopping_patience) needs a checkpoint at every "
+                        f"evaluation: --save_steps {training_args.save_steps:g} must equal --eval_steps "
+                        f"{training_args.eval_steps:g}")
+    metric = training_args.metric_for_best_model
+    if metric is not None and metric.removeprefix("eval_") != "loss":  # prediction_loss_only: the loss is all
+        raise UserError(f"--metric_for_best_model {metric}: evaluation computes eval_loss only; use eval_loss")
+    if training_args.eval_generations < 0 or training_args.eval_max_new_tokens < 1:
+        raise UserError("--eval_generations must be zero or more and --eval_max_new_tokens positive, got "
+                        f"{training_args.eval_generations} and {training_args.eval_max_new_tokens}")
+    if training_args.eval_generations and not has_eval_data:
+        raise UserError("--eval_generations replies to evaluation prompts: give --eval_data_path or --val_size")
+    if training_args.eval_generations and training_args.sequence_parallel_size > 1:
+        raise UserError("--eval_generations cannot be combined with --sequence_parallel_size: a rank holds only a "
+                        "slice of each sequence")
+
+
+# The (pip package, import name) that each --report_to integration needs.
+REPORT_TO_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+                      "mlflow": ("mlflow", "mlflow"), "trackio": ("trackio", "trackio"),
+                      "comet_ml": ("comet-ml", "comet_ml"), "neptune": ("neptune", "neptune"),
+                      "clearml": ("clearml", "clearml"), "dvclive": ("dvclive", "dvclive"),
+                      "swanlab": ("swanlab", "swanlab"), "codecarbon": ("codecarbon", "codecarbon"),
+                      "azure_ml": ("azureml-core", "azureml"), "dagshub": ("dagshub", "dagshub"),
+                      "flyte": ("flytekit", "flytekit")}
+
+
+def check_report_to(report_to):
+    """Every --report_to integration exists and its package is installed (the Trainer finds out after loading)."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for name in report_to:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise UserError(f"--report_to {name}: not an integration; choose from "
+                            f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}, all or none")
+        package, module = REPORT_TO_PACKAGES.get(name, (name, name))
+        found = importlib.util.find_spec(module) is not None
+        if name == "tensorboard":  # the Trainer writes through torch's writer (needs tensorboard) or tensorboardX
+            found = found or importlib.util.find_spec("tensorboardX") is not None
+        if not found:
+            raise UserError(f"--report_to {name}: its package is not installed; pip install {package}")
 
 
 def check_model_arguments(model_args):
@@ -738,10 +823,17 @@ def file_digest(path, size, mtime_ns, ctime_ns, inode):
     dates and inode only tell whether this process has read this version already (a write changes its ctime,
     whatever is done to its mtime)."""
     digest = hashlib.sha256(f"{size}:".encode())  # where one file ends and the next begins
+    progress = Progress(f"reading {path}", total=-(-size >> 20), unit="MB",
+                        show=size > HASH_PROGRESS_BYTES and is_local_main_process())
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
+            progress.update(progress.done + 1)
+    progress.close()
     return digest.hexdigest()
+
+
+HASH_PROGRESS_BYTES = 1 << 30  # files this large show the progress of their hashing (a few seconds a GB)
 
 
 def sources_fingerprint(data_args, training_args):
@@ -1000,6 +1092,14 @@ def acquire_lock(path, waiting=None):
         lock.close()  # removed or replaced meanwhile: lock the file that is there now
 
 
+def lock_holder(path):
+    """Who holds the lock file `path` (pid, host, since), as its holder wrote it; None if nobody says."""
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            return f.read().strip() or None
+    return None
+
+
 @contextlib.contextmanager
 def locked_file(path, waiting):
     """acquire_lock as a context, removing the file when done (acquire_lock's check makes that safe); on a file
@@ -1036,7 +1136,11 @@ def process_rank():
 
 def is_local_main_process():
     """The first process of this machine (LOCAL_RANK 0): the one that builds what the machine's processes share."""
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+    return local_rank() == 0
+
+
+def local_rank():
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def world_size():
@@ -1055,6 +1159,57 @@ def become_helper_process():
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})  # blocked while it was forked
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+PROGRESS_LOG_SECONDS = 30  # how often a long wait says how far it is, where the output is not a terminal
+
+
+class Progress:
+    """How far a long wait of this process is (samples tokenized, bytes hashed, ...): a tqdm bar on a terminal,
+    else a log line every PROGRESS_LOG_SECONDS with the count, the rate and the time left, as the Trainer shows its
+    steps; and a last line with the total. Only where `show` (the process that does the work, never every rank)."""
+
+    def __init__(self, what, total=None, unit="samples", show=True):
+        self.what, self.total, self.unit, self.show = what, total, unit, show
+        self.done, self.started = 0, time.perf_counter()
+        self.said = self.started
+        self.bar = None
+        if show and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=what, unit=f" {unit}", leave=False)
+
+    def update(self, done):
+        """The count so far (not an increment)."""
+        if self.bar is not None:
+            self.bar.update(done - self.done)
+        self.done = done
+        now = time.perf_counter()
+        if self.show and self.bar is None and now - self.said >= PROGRESS_LOG_SECONDS:
+            self.said = now
+            rank_log.info(f"{self.what}: {self.describe(now)}")  # each node's builder speaks
+
+    def describe(self, now):
+        rate = self.done / max(now - self.started, 1e-9)
+        line = f"{self.done:,}{f' of {self.total:,}' if self.total else ''} {self.unit} ({rate:,.0f}/s"
+        if self.total and rate > 0:
+            line += f", about {max(self.total - self.done, 0) / rate:,.0f} s left"
+        return line + ")"
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.show and time.perf_counter() - self.started >= PROGRESS_LOG_SECONDS:  # a long wait: say it ended
+            rank_log.info(f"{self.what}: done, {self.describe(time.perf_counter())}")
+
+
+@contextlib.contextmanager
+def announced(what):
+    """Say that a long step (the final save of a large model) starts, and how long it took."""
+    log.info(f"{what} ...")
+    started = time.perf_counter()
+    yield
+    log.info(f"{what}: done in {time.perf_counter() - started:,.1f} s")
 
 
 def report_error(message):
@@ -1252,7 +1407,16 @@ def agreed_by_all_ranks(decide, *args):
 
 def any_rank(flag, device):
     """True on every rank when `flag` is true on any (all ranks must call it together)."""
-    return largest_on_any_rank(int(bool(flag)), device) > 0
+    return each_on_any_rank([flag], device)[0]
+
+
+def each_on_any_rank(flags, device):
+    """For each flag, whether it is true on any rank; one collective (all ranks must call it together)."""
+    if not in_process_group():
+        return [bool(flag) for flag in flags]
+    tensor = torch.tensor([int(bool(flag)) for flag in flags], device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return [bool(value) for value in tensor.tolist()]
 
 
 def largest_on_any_rank(count, device):
@@ -2563,9 +2727,11 @@ def remove_killed_builds(cache_dir, own):
 
 
 def wait_for_cache_entry(path, encoder, cache_dir) -> Tokenized:
-    """A rank other than its machine's first: wait for the entry that rank builds, saying whom it waits for (now
-    and every few minutes); follow the file if it changes meanwhile (the builder then tokenizes it again)."""
-    waited, said, rank = time.perf_counter(), 0.0, process_rank()
+    """A rank other than its machine's first: wait for the entry that rank builds; a wait of more than a few seconds
+    says whom it waits for, once per machine and again every few minutes; follow the file if it changes meanwhile
+    (the builder then tokenizes it again)."""
+    waited, rank = time.perf_counter(), process_rank()
+    said = waited - WAIT_REPORT_SECONDS + 2  # the first line after 2 s: a quick build says nothing
     identity, entry = None, None
     while True:
         if file_identity(path) != identity:
@@ -2579,9 +2745,10 @@ def wait_for_cache_entry(path, encoder, cache_dir) -> Tokenized:
         if os.path.exists(entry + ".error"):
             with open(entry + ".error") as f:
                 raise DataError(f.read())
-        if time.perf_counter() - said > WAIT_REPORT_SECONDS:
+        if time.perf_counter() - said > WAIT_REPORT_SECONDS and local_rank() == 1:  # one line per machine
             said = time.perf_counter()
-            rank_log.info(f"rank {rank}: waiting for local rank 0 to tokenize {path} into {entry}")
+            rank_log.info(f"rank {rank} and the other ranks of this machine: waiting for "
+                          f"{lock_holder(entry + '.lock') or 'local rank 0'} to tokenize {path} into {entry}")
         time.sleep(0.5)
 
 
@@ -2590,10 +2757,14 @@ def build_tokenized(path, encoder, folder, num_workers, batch_size):
     in up to `num_workers` processes that each take a contiguous run of lines (or rows); the result is the same for
     any number of workers. Returns how many worked (a file under 1 MB is not split)."""
     parts = split_into_line_runs(path, num_workers)
-    if len(parts) == 1:
-        results = [tokenize_part(path, encoder, folder, 0, parts[0], batch_size)]
-    else:
-        results = tokenize_in_workers(path, encoder, folder, parts, batch_size)
+    progress = Progress(f"tokenizing {path}", total=count_samples(path))
+    try:
+        if len(parts) == 1:
+            results = [tokenize_part(path, encoder, folder, 0, parts[0], batch_size, progress.update)]
+        else:
+            results = tokenize_in_workers(path, encoder, folder, parts, batch_size, progress)
+    finally:
+        progress.close()
     meta = {"version": TOKENIZED_FORMAT_VERSION, "source": path, "dropped": sum(r["dropped"] for r in results),
             "empty_assistant": sum(r["empty_assistant"] for r in results), "arrays": {}}
     offset_base = 0
@@ -2646,7 +2817,7 @@ def split_into_line_runs(path, parts):
     return runs + [(start, size, line)]
 
 
-def tokenize_in_workers(path, encoder, folder, parts, batch_size):
+def tokenize_in_workers(path, encoder, folder, parts, batch_size, progress):
     """tokenize_part for each of `parts` in a process of its own, forked so that it inherits the tokenizer. A worker
     that dies (killed, out of memory) ends the build with one line instead of leaving it waiting; a signal to this
     process stops the workers with it; a signal during the forks waits until they are done (a handler that ran in
@@ -2668,6 +2839,8 @@ def tokenize_in_workers(path, encoder, folder, parts, batch_size):
             if failed := next((worker for worker in workers if worker.exitcode not in (None, 0)), None):
                 break  # the others' work is of no use
             multiprocessing.connection.wait([worker.sentinel for worker in running], timeout=1)
+            progress.update(samples_done(folder, len(parts)))
+        progress.update(samples_done(folder, len(parts)))
     finally:
         for worker in workers:
             if worker.exitcode is None:
@@ -2684,6 +2857,27 @@ def tokenize_in_workers(path, encoder, folder, parts, batch_size):
         raise UserError(f"{path}: a tokenizing worker {how}; if it ran out of memory, use fewer "
                         "--preprocessing_num_workers")
     return [outcome["counts"] for outcome in outcomes]
+
+
+def samples_done(folder, parts):
+    """How many samples the workers have tokenized so far: each writes a 4-byte length for every one it has done."""
+    return sum(os.path.getsize(path) // 4 for k in range(parts)
+               if os.path.exists(path := os.path.join(folder, f"full_lengths.part{k}")))
+
+
+def count_samples(path):
+    """How many samples a file holds, for the progress of its build: its rows, or lines (JSON Lines, read fast);
+    None for a JSON array (known only once parsed)."""
+    kind = detect_format(path)
+    if kind in ("parquet", "hub"):
+        return table_length(path, kind)
+    if kind == "json":
+        return None
+    lines, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            lines, last = lines + chunk.count(b"\n"), chunk[-1:]
+    return lines + (last != b"\n")
 
 
 def tokenizing_worker(path, encoder, folder, k, part, batch_size):
@@ -2708,14 +2902,18 @@ def read_outcome(folder, k):
     return outcome
 
 
-def tokenize_part(path, encoder, folder, k, part, batch_size):
-    """Tokenize one run of samples into `{name}.part{k}` files; returns what it dropped and noticed."""
+def tokenize_part(path, encoder, folder, k, part, batch_size, progress=None):
+    """Tokenize one run of samples into `{name}.part{k}` files; returns what it dropped and noticed. `progress` is
+    told the number of samples done after each batch."""
     files = {name: open(os.path.join(folder, f"{name}.part{k}"), "wb") for name in TOKENIZED_ARRAYS}
-    dropped, empty_assistant, total = 0, 0, 0
+    dropped, empty_assistant, total, done = 0, 0, 0, 0
     np.zeros(1, np.int64).tofile(files["offsets"])
 
     def add(encoded):
-        nonlocal total, dropped
+        nonlocal total, dropped, done
+        done += len(encoded)
+        if progress:
+            progress(done)
         for example, full_length in encoded:
             np.int32(full_length).tofile(files["full_lengths"])
             if example is None:
@@ -2753,7 +2951,9 @@ class LazySupervisedDataset(Dataset):
         self.samples = None if self.is_jsonl else []
         self.locations = array("q")  # byte offset (JSONL) or index into self.samples (JSON) of each kept sample
         self.lengths = array("i")  # estimated tokens, capped at the token limit: for grouping by length
+        progress = Progress(f"checking {path}", total=count_samples(path), show=is_local_main_process())
         for where, sample, location in iter_raw_samples(path):
+            progress.update(progress.done + 1)
             conversation = encoder.parse(sample, where)
             self.empty_assistant += conversation.has_empty_assistant_message()
             text, spans = encoder.render(conversation)
@@ -2766,6 +2966,7 @@ class LazySupervisedDataset(Dataset):
                 self.samples.append(sample)
                 location = len(self.samples) - 1
             self.locations.append(location)
+        progress.close()
         if not self.locations and not self.dropped:
             raise DataError(f"{path}: holds no samples")
 
@@ -3490,17 +3691,29 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-class StopOnSignal(transformers.TrainerCallback):
-    """SIGTERM (what a cluster sends before it preempts a job) or Ctrl-C: stop at the next micro-batch, drop the
+SAVE_NOW, STOP_NOW = "SAVE_NOW", "STOP_NOW"  # files a user creates in the output folder to ask for a checkpoint
+
+
+class StopOnRequest(transformers.TrainerCallback):
+    """Stopping or saving when the user asks, without losing a step.
+
+    SIGTERM (what a cluster sends before it preempts a job) or Ctrl-C: stop at the next micro-batch, drop the
     unfinished gradient accumulation and write the checkpoint of the last completed optimizer step at once (the
     weights are still those of that step), so that it is on disk within a launcher's grace period and repeating
     the command resumes there. A second Ctrl-C ends the process at once; a repeated SIGTERM does not (schedulers
-    and launchers often both send one)."""
+    and launchers often both send one).
+
+    A SAVE_NOW file in the output folder: a checkpoint at the end of the next optimizer step; STOP_NOW: that
+    checkpoint, then the run ends (exit 0) and the same command resumes it. Rank 0 looks for the files and every
+    rank learns the answer in the same collective as the signals; a file is removed once its checkpoint is
+    complete on every rank."""
 
     def __init__(self, divergence=None):
-        self.signal_name, self.stopped_at_step = None, None
+        self.stop_reason, self.stopped_at_step = None, None  # a signal's name, or STOP_NOW
+        self.signal_name = None  # a signal received by this process
         self.divergence = divergence  # a step that went wrong is not checkpointed, signal or not
         self.saved_step = None  # the step of the newest checkpoint on disk (or resumed from)
+        self.answered = []  # trigger files whose checkpoint is being written
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.saved_step = state.global_step
@@ -3512,6 +3725,7 @@ class StopOnSignal(transformers.TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.saved_step = state.global_step
+        self._remove_answered(args)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.stopped_at_step is not None:  # the epoch's own evaluation and save would spend the grace period
@@ -3524,24 +3738,48 @@ class StopOnSignal(transformers.TrainerCallback):
             signal.signal(signum, signal.SIG_DFL)
 
     def on_substep_end(self, args, state, control, **kwargs):
-        self._stop_if_signalled(args, state, control)
+        if any_rank(self.signal_name is not None, args.device):  # every rank stops at the same micro-batch
+            self._stop(self.signal_name or "SIGTERM", state, control)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._stop_if_signalled(args, state, control)
+        files = [os.path.exists(os.path.join(args.output_dir, name)) and args.process_index == 0
+                 for name in (SAVE_NOW, STOP_NOW)]
+        signalled, save_now, stop_now = each_on_any_rank([self.signal_name is not None, *files], args.device)
+        self.answered = [name for name, asked in ((SAVE_NOW, save_now), (STOP_NOW, stop_now)) if asked]
+        if signalled:
+            self._stop(self.signal_name or "SIGTERM", state, control)
+        elif stop_now:
+            self._stop(STOP_NOW, state, control)
+        elif save_now:
+            control.should_save = self._should_save(state)
+        if self.answered and control.should_save:
+            log.info(f"{' and '.join(self.answered)} in {args.output_dir}: writing checkpoint-{state.global_step}")
+        elif self.answered and (stop_now or state.global_step == self.saved_step):  # nothing (more) to write
+            self._remove_answered(args)
+        else:
+            self.answered = []  # the step went wrong: the file is answered at the next good one
 
-    def _stop_if_signalled(self, args, state, control):
-        if not any_rank(self.signal_name is not None, args.device):  # every rank stops at the same micro-batch
-            return
-        self.signal_name = self.signal_name or "SIGTERM"
+    def _stop(self, reason, state, control):
+        self.stop_reason, self.stopped_at_step = reason, state.global_step
         control.should_training_stop = True
         control.should_evaluate = False  # the grace period is for the checkpoint
         control.should_save = self._should_save(state)
-        self.stopped_at_step = state.global_step
 
     def _should_save(self, state):
         """A checkpoint of the last completed step, unless it is on disk already or that step went wrong."""
         went_wrong = self.divergence is not None and self.divergence.in_a_row > 0
         return state.global_step > 0 and state.global_step != self.saved_step and not went_wrong
+
+    def _remove_answered(self, args):
+        if not self.answered:
+            return
+        if in_process_group():
+            torch.distributed.barrier()  # every rank's part of the checkpoint is written
+        if args.process_index == 0:
+            for name in self.answered:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(args.output_dir, name))
+        self.answered = []
 
 
 class StopOnDivergence(transformers.TrainerCallback):
@@ -3602,6 +3840,255 @@ class RecordTrainingData(transformers.TrainerCallback, transformers.trainer_call
 
     def state(self):
         return {"args": {"fingerprint": self.fingerprint, "shape": self.shape}, "attributes": {}}
+
+
+EVAL_GENERATIONS = "eval_generations.jsonl"
+
+
+def generation_prompts(dataset, count):
+    """The first `count` evaluation samples as (sample index, prompt ids, reference ids). The prompt is the sample up
+    to where its last trained reply starts, as it was rendered for training (the model's template with its
+    --chat_template_kwargs thinking settings, the earlier turns), so it ends where the assistant's turn starts; the
+    reference is that reply."""
+    prompts = []
+    for i in range(min(count, len(dataset))):
+        example = dataset[i]
+        labels = np.asarray(example["labels"])
+        trained = np.flatnonzero(labels != IGNORE_INDEX)
+        if trained.size == 0:
+            continue
+        end = start = int(trained[-1]) + 1
+        while start > 0 and labels[start - 1] != IGNORE_INDEX:
+            start -= 1
+        prompts.append((i, [int(t) for t in example["input_ids"][:start]],
+                        [int(t) for t in example["input_ids"][start:end]]))
+    return prompts
+
+
+class EvalGenerations(transformers.TrainerCallback):
+    """--eval_generations: after every evaluation, greedy replies to fixed evaluation prompts (generation_prompts),
+    appended with the step to eval_generations.jsonl in the output folder, logged, and handed to the --report_to
+    integrations that show text (TensorBoard) or tables (W&B, Trackio, MLflow).
+
+    Under ZeRO-3 every rank generates together (each forward gathers the layers' weights from all ranks); otherwise
+    rank 0 alone, while the others wait at the next step's collective."""
+
+    def __init__(self, prompts, tokenizer, max_new_tokens, callbacks):
+        self.prompts, self.tokenizer, self.callbacks = prompts, tokenizer, callbacks
+        stop = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} | {tokenizer.eos_token_id}
+        self.generation_config = transformers.GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(t for t in stop if t is not None),
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if not self.prompts or not (args.process_index == 0 or uses_zero3()):
+            return
+        replies = self.generate(model, args.device)
+        if args.process_index != 0:
+            return
+        rows = [{"step": state.global_step, "epoch": state.epoch, "sample": i,
+                 "prompt": self.tokenizer.decode(prompt), "reference": self.decode(reference), "reply": reply}
+                for (i, prompt, reference), reply in zip(self.prompts, replies)]
+        path = os.path.join(args.output_dir, EVAL_GENERATIONS)
+        with open(path, "a") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        log.info(f"step {state.global_step}: replies to {len(rows)} evaluation prompts in {path}; the first: "
+                 f"{rows[0]['reply'][:200]!r}")
+        self.report(rows, args.report_to, state.global_step)
+
+    @torch.no_grad()
+    def generate(self, model, device):
+        was_training = model.training
+        model.eval()
+        set_use_cache(model, True)
+        replies = []
+        try:
+            for _, prompt, _ in self.prompts:
+                input_ids = torch.tensor([prompt], device=device)
+                output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                        generation_config=self.generation_config,
+                                        synced_gpus=uses_zero3() and world_size() > 1)
+                replies.append(self.decode(output[0, len(prompt):]))
+        finally:
+            set_use_cache(model, False)
+            model.train(was_training)
+        return replies
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def report(self, rows, report_to, step):
+        """Best effort: a dashboard that fails to show them costs a warning, never the run."""
+        for name in report_to:
+            try:
+                if name == "tensorboard":
+                    writer = next((c.tb_writer for c in self.callbacks
+                                   if isinstance(c, transformers.integrations.TensorBoardCallback)), None)
+                    if writer is not None:
+                        writer.add_text("eval/generations", generations_markdown(rows), step)
+                        writer.flush()
+                elif name in ("wandb", "trackio"):
+                    import pandas
+
+                    backend = importlib.import_module(name)
+                    backend.log({"eval/generations": backend.Table(dataframe=pandas.DataFrame(rows))})
+                elif name == "mlflow":
+                    import mlflow
+                    import pandas
+
+                    mlflow.log_table(pandas.DataFrame(rows), artifact_file=f"eval_generations/step_{step}.json")
+            except Exception as e:  # noqa: BLE001 - a dashboard's own failure
+                log.warning(f"--report_to {name}: could not show the evaluation replies ({first_line(e)})")
+
+
+def generations_markdown(rows, prompt_chars=600):
+    """The replies as Markdown for TensorBoard's text tab: each sample's prompt end, reference and reply."""
+    def block(text):
+        return "\n".join("    " + line for line in (text or "(empty)").splitlines() or [""])
+
+    sections = [f"### sample {row['sample']} (step {row['step']})\n\n**prompt** (its end)\n\n"
+                f"{block(row['prompt'][-prompt_chars:])}\n\n**reference**\n\n{block(row['reference'])}\n\n"
+                f"**reply**\n\n{block(row['reply'])}" for row in rows]
+    return "\n\n".join(sections)
+
+
+def early_stopping(training_args, resume_from):
+    """transformers' EarlyStoppingCallback, with the count of evaluations without improvement that a resumed
+    checkpoint recorded (the Trainer restores callback states only all at once, which would also restore
+    RecordTrainingData's shape of the old run)."""
+    callback = transformers.EarlyStoppingCallback(training_args.early_stopping_patience,
+                                                  training_args.early_stopping_threshold)
+    if resume_from:
+        with open(os.path.join(resume_from, "trainer_state.json")) as f:
+            recorded = json.load(f).get("stateful_callbacks", {}).get(type(callback).__name__) or {}
+        if isinstance(recorded, list):
+            recorded = recorded[-1] if recorded else {}
+        callback.early_stopping_patience_counter = recorded.get("attributes", {}).get(
+            "early_stopping_patience_counter", 0)
+    return callback
+
+
+def report_best_checkpoint(state, training_args, early_stopper):
+    """Where the best checkpoint is (trainer_state.json names it too), and whether early stopping ended the run."""
+    if early_stopper is not None and early_stopper.early_stopping_patience_counter >= early_stopper.early_stopping_patience:
+        log.info(f"early stopping at step {state.global_step}: {training_args.metric_for_best_model} did not improve "
+                 f"by more than {training_args.early_stopping_threshold:g} in "
+                 f"{early_stopper.early_stopping_patience} evaluations in a row")
+    if state.best_model_checkpoint:
+        kept = " (the result: --load_best_model_at_end)" if training_args.load_best_model_at_end else ""
+        log.info(f"best checkpoint: {state.best_model_checkpoint}, {training_args.metric_for_best_model} "
+                 f"{state.best_metric:.4f} at step {state.best_global_step}{kept}")
+
+
+MODEL_CARD = "README.md"
+
+
+class WriteModelCard(transformers.TrainerCallback):
+    """The model card (model_card) in every checkpoint, as it stands at that step."""
+
+    def __init__(self, facts):
+        self.facts = facts
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if args.should_save and os.path.isdir(folder):
+            model_card(self.facts, state, final=False).save(os.path.join(folder, MODEL_CARD))
+
+
+def run_facts(model_args, data_args, training_args, lora_args, model, encoder, train_dataset, eval_dataset):
+    """What a model card says about how the model was made, gathered once at the start (rank 0 only: it hashes
+    the sources, which that rank has read already)."""
+    config = getattr(model, "get_base_model", lambda: model)().config
+    peft_config = next(iter(model.peft_config.values())) if hasattr(model, "peft_config") else None
+    sources = [{"spec": source.spec, "sha256": data_fingerprint(source.parts),
+                "dataset": source.parts[0][len(HUB_PREFIX):].partition(":")[0]
+                if source.parts[0].startswith(HUB_PREFIX) else None}
+               for source in parse_sources(data_args.data_path)]
+    packages = ["torch", "transformers", "accelerate", "peft", "bitsandbytes", "deepspeed", "datasets"]
+    return {
+        "base_model": model_args.model_name_or_path,
+        "hub_base_model": not os.path.exists(os.path.expanduser(model_args.model_name_or_path)),
+        "model_type": config.model_type, "loader": model_class(config).__name__,
+        "multimodal": config is not config.get_text_config(),
+        "method": "QLoRA" if lora_args.q_lora else "LoRA" if lora_args.use_lora else "full fine-tune",
+        "lora": None if peft_config is None else {
+            "r": peft_config.r, "alpha": peft_config.lora_alpha, "dropout": lora_args.lora_dropout,
+            "target_modules": sorted(peft_config.target_modules or []),
+            "target_parameters": sorted(peft_config.target_parameters or []),
+            "modules_to_save": sorted(peft_config.modules_to_save or []), "bias": peft_config.bias},
+        "sources": sources,
+        "source_reports": list(getattr(train_dataset, "reports", [])),
+        "train_samples": len(train_dataset), "eval_samples": len(eval_dataset) if eval_dataset is not None else 0,
+        "eval_source": ", ".join(data_args.eval_data_path) or
+                       (f"--val_size {data_args.val_size:g} of the training data" if data_args.val_size else None),
+        "template": "the model's own chat template" if encoder.template == "auto" else "ChatML",
+        "template_kwargs": data_args.chat_template_kwargs,
+        "mask_history": data_args.mask_history, "system_message": data_args.system_message,
+        "settings": {"learning_rate": training_args.learning_rate,
+                     "lr_scheduler": str(training_args.lr_scheduler_type.value),
+                     "warmup_steps": training_args.warmup_steps, "num_train_epochs": training_args.num_train_epochs,
+                     "max_steps": training_args.max_steps, "model_max_length": training_args.model_max_length,
+                     "packing": training_args.packing, "seed": training_args.seed,
+                     "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
+                     **{key: value for key, value in run_shape(training_args).items() if value is not None}},
+        "best_is_result": training_args.load_best_model_at_end,
+        "versions": {name: importlib.metadata.version(name) for name in packages
+                     if importlib.util.find_spec(name) is not None},
+    }
+
+
+def model_card(facts, state, final=True):
+    """A Hugging Face model card: metadata the hub reads (base_model, library_name, tags, pipeline_tag, datasets),
+    then what the model is, from what, on what data, with which settings, with what results, and how to load it.
+    `final`: the run's result (else a checkpoint's, whose weights are always its own step's)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    lora, settings = facts["lora"], facts["settings"]
+    data = ModelCardData(
+        base_model=facts["base_model"] if facts["hub_base_model"] else None,
+        library_name="peft" if lora else "transformers",
+        pipeline_tag="image-text-to-text" if facts["multimodal"] else "text-generation",
+        tags=["qwen-finetune", "sft", facts["method"].split()[0].lower(), facts["model_type"]],
+        datasets=[s["dataset"] for s in facts["sources"] if s["dataset"]] or None,
+    )
+    losses = [entry for entry in state.log_history if "loss" in entry]
+    evals = [entry for entry in state.log_history if "eval_loss" in entry]
+    lines = [
+        f"# {facts['method']} of {facts['base_model']}", "",
+        f"Fine-tuned with qwen-finetune's `finetune.py` ({facts['method']}) from `{facts['base_model']}` "
+        f"({facts['model_type']}, loaded as `{facts['loader']}`) on the conversations below; only what the assistant "
+        "says was trained.", "",
+        "## Data", "",
+        *[f"- `{s['spec']}`: sha256 `{s['sha256']}`" for s in facts["sources"]], "",
+        "What each source gave (the mix):", "",
+        *[f"- {report}" for report in facts["source_reports"]], "",
+        f"{facts['train_samples']:,} training samples; {facts['eval_samples']:,} for evaluation"
+        + (f" ({facts['eval_source']})" if facts["eval_source"] else "") + ".", "",
+        f"Template: {facts['template']}" + (f" with `{json.dumps(facts['template_kwargs'])}`"
+                                              if facts["template_kwargs"] else "")
+        + ("; only the last assistant turn trained (`--mask_history`)" if facts["mask_history"] else "")
+        + (f"; default system message {facts['system_message']!r}" if facts["system_message"] is not None else ""),
+        "", "## Training", "",
+        *[f"- {key}: {value}" for key, value in settings.items()],
+        *([f"- LoRA: {json.dumps(lora)}"] if lora else []), "",
+        "## Results", "",
+        f"- steps: {state.global_step}, epochs: {state.epoch or 0:.2f}",
+        f"- tokens seen: {state.num_input_tokens_seen:,}" if state.num_input_tokens_seen else "- tokens seen: not counted",
+        f"- final train loss: {losses[-1]['loss']:.4f} (step {losses[-1]['step']})" if losses else "- train loss: not logged yet",
+        f"- final eval loss: {evals[-1]['eval_loss']:.4f} (step {evals[-1]['step']})" if evals else "- eval loss: none",
+        *([f"- best checkpoint: `{os.path.basename(state.best_model_checkpoint)}` (eval loss {state.best_metric:.4f})"
+           + ("; the weights here are its (`--load_best_model_at_end`)" if facts["best_is_result"] and final else "")]
+          if state.best_model_checkpoint else []), "",
+        "## How to load it", "", "```python", "import transformers",
+        *(["import peft", "", f'model = transformers.{facts["loader"]}.from_pretrained("{facts["base_model"]}")',
+           'model = peft.PeftModel.from_pretrained(model, "THIS_FOLDER_OR_REPO")'] if lora else
+          ["", f'model = transformers.{facts["loader"]}.from_pretrained("THIS_FOLDER_OR_REPO")']),
+        'tokenizer = transformers.AutoTokenizer.from_pretrained("THIS_FOLDER_OR_REPO")', "```", "",
+        *(["To serve one model without peft: `python merge_adapter.py --adapter THIS_FOLDER --output merged`.", ""]
+          if lora else []),
+        "## Versions", "", ", ".join(f"{name} {version}" for name, version in facts["versions"].items()), "",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
 def plot_training_curves(log_history, path):
@@ -3866,16 +4353,26 @@ def train(argv=None):
         data_collator=make_collator(tokenizer, training_args.packing, training_args.sequence_parallel_size),
         processing_class=tokenizer,
     )
-    stop_on_signal = StopOnSignal(trainer.divergence)
-    trainer.add_callback(stop_on_signal)
+    stop_on_request = StopOnRequest(trainer.divergence)
+    trainer.add_callback(stop_on_request)
     trainer.add_callback(RecordTrainingData(fingerprint, run_shape(training_args)))
+    facts = run_facts(model_args, data_args, training_args, lora_args, model, encoder, train_dataset, eval_dataset) \
+        if training_args.should_save else None
+    trainer.add_callback(WriteModelCard(facts))
+    if training_args.eval_generations:
+        trainer.add_callback(EvalGenerations(generation_prompts(eval_dataset, training_args.eval_generations),
+                                             tokenizer, training_args.eval_max_new_tokens,
+                                             trainer.callback_handler.callbacks))
+    early_stopper = early_stopping(training_args, resume_from) if training_args.early_stopping_patience else None
+    if early_stopper:
+        trainer.add_callback(early_stopper)
     if resume_from:
         log.info(f"resuming from {resume_from}")
     elif training_args.overwrite_output_dir:
         remove_checkpoints(training_args.output_dir)
     trainer.train(resume_from_checkpoint=resume_from)
-    if stop_on_signal.stopped_at_step is not None:
-        report_signal_stop(stop_on_signal, training_args)
+    if stop_on_request.stopped_at_step is not None:
+        report_stop(stop_on_request, training_args)
     if trainer.divergence.stopped:
         newest = newest_complete_checkpoint(training_args.output_dir) if is_main_process() else None
         raise RunFailed(f"training diverged: the loss or gradient norm was not finite in {trainer.divergence.in_a_row} "
@@ -3888,38 +4385,43 @@ def train(argv=None):
     if eval_dataset is not None and training_args.eval_strategy == "no":
         # Eval data without an eval schedule: evaluate once, at the end.
         trainer.log_metrics("eval", trainer.evaluate())
+    report_best_checkpoint(trainer.state, training_args, early_stopper)
     trainer.save_state()
-    trainer.save_model(training_args.output_dir)  # every rank: ZeRO-3 gathers across them
     kind = "LoRA adapter" if lora_args.use_lora else "model"
-    log.info(f"saved the {kind} and the tokenizer to {training_args.output_dir}")
+    with announced(f"saving the {kind} and the tokenizer to {training_args.output_dir}"):
+        trainer.save_model(training_args.output_dir)  # every rank: ZeRO-3 gathers across them
     if trainer.args.should_save:
+        model_card(facts, trainer.state).save(os.path.join(training_args.output_dir, MODEL_CARD))
         curves = os.path.join(training_args.output_dir, "training_curves.png")
         plot_training_curves(trainer.state.log_history, curves)
-        log.info(f"loss and learning-rate curves: {curves}")
-    if stop_on_signal.signal_name:  # it came after the last step: the result was saved first
-        log.warning(f"{stop_on_signal.signal_name} received during the final save, which was completed")
-        exit_after_signal(getattr(signal, stop_on_signal.signal_name))
+        log.info(f"model card: {os.path.join(training_args.output_dir, MODEL_CARD)}; loss and learning-rate curves: "
+                 f"{curves}")
+    if stop_on_request.signal_name:  # it came after the last step: the result was saved first
+        log.warning(f"{stop_on_request.signal_name} received during the final save, which was completed")
+        exit_after_signal(getattr(signal, stop_on_request.signal_name))
 
 
-def report_signal_stop(stop_on_signal, training_args):
-    """One line on what a signal left behind, then exit 128 + the signal (or what the launcher asks for)."""
-    step = stop_on_signal.stopped_at_step
+def report_stop(stop_on_request, training_args):
+    """One line on what a signal or STOP_NOW left behind, then exit: 0 after STOP_NOW, 128 + the signal after a
+    signal (or what the launcher asks for)."""
+    step, why = stop_on_request.stopped_at_step, stop_on_request.stop_reason
+    checkpoint = os.path.join(training_args.output_dir, f"checkpoint-{step}")
     if not is_main_process():
         pass
     elif step == 0:
-        log.warning(f"stopped by {stop_on_signal.signal_name} before the first optimizer step; nothing to save")
+        log.warning(f"stopped by {why} before the first optimizer step; nothing to save")
     elif training_args.save_only_model:
-        log.warning(f"stopped by {stop_on_signal.signal_name} at step {step}; checkpoint-{step} holds the weights only "
-                    "(--save_only_model), so a rerun starts afresh; they are in "
-                    f"{os.path.join(training_args.output_dir, f'checkpoint-{step}')}")
-    elif checkpoint_problem(os.path.join(training_args.output_dir, f"checkpoint-{step}"), step) is not None:
-        log.warning(f"stopped by {stop_on_signal.signal_name} at step {step}, which went wrong: nothing saved; a rerun "
-                    "resumes from the newest good checkpoint")
+        log.warning(f"stopped by {why} at step {step}; checkpoint-{step} holds the weights only (--save_only_model), "
+                    f"so a rerun starts afresh; they are in {checkpoint}")
+    elif checkpoint_problem(checkpoint, step) is not None:
+        log.warning(f"stopped by {why} at step {step}, which went wrong: nothing saved; a rerun resumes from the "
+                    "newest good checkpoint")
     else:
-        log.warning(f"stopped by {stop_on_signal.signal_name} at step {step}; the checkpoint is "
-                    f"{os.path.join(training_args.output_dir, f'checkpoint-{step}')}; run the same command again to "
+        log.warning(f"stopped by {why} at step {step}; the checkpoint is {checkpoint}; run the same command again to "
                     "resume from it")
-    exit_after_signal(getattr(signal, stop_on_signal.signal_name))
+    if why == STOP_NOW:
+        sys.exit(0)
+    exit_after_signal(getattr(signal, why))
 
 
 def exit_after_signal(signum):
@@ -3966,7 +4468,7 @@ def main(argv=None):
                             "deprecated", category=FutureWarning)
     log.setLevel(logging.INFO if is_main_process() else logging.WARNING)
     rank_log.setLevel(logging.INFO)
-    for sig in (signal.SIGTERM, signal.SIGINT):  # until training starts (and StopOnSignal takes over): just stop
+    for sig in (signal.SIGTERM, signal.SIGINT):  # until training starts (and StopOnRequest takes over): just stop
         signal.signal(sig, stop_before_training)
     try:
         train(argv)

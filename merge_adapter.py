@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 import transformers
@@ -27,13 +28,22 @@ class MergeError(Exception):
 def merge(adapter_dir, output_dir, base=None, dtype="bf16", trust_remote_code=False):
     import peft
 
+    started = time.perf_counter()
     model, base = load_base_of(adapter_dir, base, DTYPES[dtype], trust_remote_code)
+    say(f"loaded {base} ({dtype}) in {time.perf_counter() - started:,.1f} s; merging {adapter_dir} into it")
     merged = peft.PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    started = time.perf_counter()
     merged.save_pretrained(output_dir)
+    say(f"saved the merged model to {output_dir} in {time.perf_counter() - started:,.1f} s")
     tokenizer_source = adapter_dir if os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json")) else base
     transformers.AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code).save_pretrained(
         output_dir)
     return output_dir
+
+
+def say(line):
+    """Progress of a merge, which takes minutes on a large model: on stderr, so that stdout keeps the result line."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def load_base_of(adapter_dir, base=None, dtype=torch.float32, trust_remote_code=False):

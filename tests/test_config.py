@@ -98,6 +98,26 @@ def test_what_yaml_writes_naturally_means_what_it_says(tmp_path):
     (["--adam_epsilon", "-1"], "--adam_epsilon must be zero or more, got -1.0"),
     (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be zero or more, got -1"),
     (["--preprocessing_num_workers", "0"], "--preprocessing_num_workers must be at least 1, got 0"),
+    # Evaluation and watching: what the Trainer would only refuse after loading the model, or at an evaluation.
+    (["--eval_strategy", "steps"], "--eval_strategy steps needs evaluation data: --eval_data_path or --val_size"),
+    (["--val_size", "2", "--early_stopping_patience", "2"], "--early_stopping_patience needs evaluations to compare"),
+    (["--val_size", "2", "--eval_strategy", "steps", "--early_stopping_patience", "0"],
+     "--early_stopping_patience must be at least 1, got 0"),
+    (["--val_size", "2", "--eval_strategy", "steps", "--metric_for_best_model", "accuracy"],
+     "--metric_for_best_model accuracy: evaluation computes eval_loss only; use eval_loss"),
+    (["--eval_generations", "2"], "--eval_generations replies to evaluation prompts: give --eval_data_path or"),
+    (["--val_size", "2", "--eval_max_new_tokens", "0"], "--eval_generations must be zero or more and "
+                                                        "--eval_max_new_tokens positive, got 0 and 0"),
+    (["--val_size", "2", "--eval_strategy", "steps", "--eval_steps", "3", "--save_steps", "5",
+      "--early_stopping_patience", "2"], "--load_best_model_at_end requires the saving steps to be a round multiple"),
+    (["--val_size", "2", "--eval_strategy", "steps", "--eval_steps", "3", "--save_steps", "6",
+      "--early_stopping_patience", "2"], "--load_best_model_at_end (set by --early_stopping_patience) needs a "
+                                         "checkpoint at every evaluation: --save_steps 6 must equal --eval_steps 3"),
+    (["--val_size", "2", "--eval_strategy", "steps", "--save_strategy", "epoch", "--load_best_model_at_end", "true"],
+     "--load_best_model_at_end requires the save and eval strategy to match, except when --save_strategy=\"best\", "
+     "but found Evaluation strategy: IntervalStrategy.STEPS Save strategy: SaveStrategy.EPOCH"),
+    (["--report_to", "tensorbored"], "--report_to tensorbored: not an integration; choose from azure_ml, clearml,"),
+    (["--report_to", "swanlab"], "--report_to swanlab: its package is not installed; pip install swanlab"),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_a_bad_flag_on_the_command_line_is_one_line_not_the_usage(tmp_path, flags, expected):
     with pytest.raises(finetune.UserError) as error:

@@ -342,7 +342,7 @@ def own_signal_handlers():
 
 def test_a_signal_saves_only_a_step_that_is_new_and_went_right(own_signal_handlers):
     guard = finetune.StopOnDivergence(limit=3)
-    stop = finetune.StopOnSignal(guard)
+    stop = finetune.StopOnRequest(guard)
     state = finetune.transformers.TrainerState()
     state.global_step = 4
     stop.on_train_begin(None, state, None)  # resumed from checkpoint-4
@@ -362,10 +362,10 @@ def test_an_unwritable_cache_folder_tokenizes_without_the_cache(tokenizer, tmp_p
 
 
 def test_a_sigterm_with_save_only_model_does_not_promise_a_resume(tmp_path, caplog, own_signal_handlers):
-    stop = finetune.StopOnSignal()
-    stop.signal_name, stop.stopped_at_step = "SIGTERM", 5
+    stop = finetune.StopOnRequest()
+    stop.stop_reason, stop.stopped_at_step = "SIGTERM", 5
     with caplog.at_level(logging.WARNING, logger="finetune"), pytest.raises(SystemExit) as exit_status:
-        finetune.report_signal_stop(stop, training_args(tmp_path, save_only_model=True))
+        finetune.report_stop(stop, training_args(tmp_path, save_only_model=True))
     assert exit_status.value.code == 143
     assert "checkpoint-5 holds the weights only (--save_only_model), so a rerun starts afresh" in caplog.text
     assert "resume" not in caplog.text.split("afresh")[1]
