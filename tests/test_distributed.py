@@ -59,7 +59,9 @@ def test_launcher_with_two_processes_runs_ddp_on_sharded_data(tiny_qwen2, tmp_pa
     assert len(os.listdir(cache)) == 1
     # 8 samples, 2 per process and 2 processes: an epoch every 2 steps, so each rank saw its own half.
     assert [e["epoch"] for e in log_history(out) if "loss" in e] == [0.5, 1.0, 1.5, 2.0]
-    assert result.stderr.count("saved the LoRA adapter") == 1  # messages print once, from global rank 0
+    # Messages print once, from global rank 0: the save says when it starts and when it is done.
+    assert result.stderr.count("saving the LoRA adapter") == 2
+    assert f"saving the LoRA adapter and the tokenizer to {out}: done in" in result.stderr
     assert_adapter_changes_logits(tiny_qwen2, out)
 
 
@@ -158,7 +160,7 @@ def test_two_nodes_on_one_machine_train_together_and_write_one_output(tiny_qwen2
     outputs = [node.communicate(timeout=300) for node in nodes]
     for node, (stdout, stderr) in zip(nodes, outputs):
         assert node.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    assert "saved the LoRA adapter" in outputs[0][1] and "saved the LoRA adapter" not in outputs[1][1]
+    assert "saving the LoRA adapter" in outputs[0][1] and "saving the LoRA adapter" not in outputs[1][1]
     assert [e["epoch"] for e in log_history(out) if "loss" in e] == [0.5, 1.0]  # two nodes shared the data
     assert os.path.exists(os.path.join(out, "adapter_model.safetensors"))
 
