@@ -14,14 +14,19 @@ The file reads top to bottom in the order a run happens:
   2. distributed    launchers, DDP, DeepSpeed ZeRO-3 and sequence parallelism (Ulysses): their special cases
                     live here as named helpers; what must stay in a Trainer method says `ZeRO-3:` or
                     `Sequence parallelism:` where it is
-  3. data           sources (files, Parquet, folders, dataset ids) -> read and check samples -> render (the
-                    model's chat template or ChatML) -> token ids + labels, cached once per data version ->
-                    datasets mixed by count or fraction, collator
-  4. preview        --preprocess_only: a report and a dump of exactly what would be trained
-  5. model          full precision, LoRA or 4-bit QLoRA
-  6. training       the Trainer with a loss that skips masked positions (also across ranks that split a
-                    sequence), throughput logs, a ZeRO-3-aware save
-  7. main           the flow, and the one place where user errors become a one-line message
+  3. run folder     one run per --output_dir (a lock), checkpoints checked before they are trusted, the data
+                    fingerprint and run shape each checkpoint records, and where a run resumes (also on another
+                    number of processes)
+  4. data           sources resolved once (files, Parquet, folders, dataset ids, each part's format) -> read and
+                    check samples -> render (the model's chat template or ChatML) -> token ids + labels, cached
+                    once per data version -> datasets mixed by count or fraction (the dataset protocol: what the
+                    Trainer, the sampler and the preview read), collator
+  5. preview        --preprocess_only: a report and a dump of exactly what would be trained
+  6. model          full precision, LoRA or 4-bit QLoRA
+  7. training       the Trainer with a loss that skips masked positions (also across ranks that split a
+                    sequence), throughput logs, callbacks that watch the run, a ZeRO-3-aware save
+  8. main           the run as a recipe (prepare, build, train, finish), and the one place where errors become
+                    a one-line message
 
 Label rule: only what the assistant says is trained (its reasoning, content and tool calls), plus the
 <|im_end|> that closes each assistant turn; an empty <think></think> block is not trained.
@@ -29,6 +34,7 @@ Label rule: only what the assistant says is trained (its reasoning, content and 
 import argparse
 import contextlib
 import copy
+import dataclasses
 import fcntl
 import fnmatch
 import functools
@@ -63,6 +69,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch.utils.data import Dataset
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 # Workaround (bitsandbytes 0.50, imported with transformers' TrainingArguments below): it warns on every CPU
 # machine that an optional 4-bit kernel package is missing, which no user of this script needs to act on.
@@ -335,7 +342,9 @@ def parse_arguments(argv=None):
         raise UserError(" ".join(line.strip().removeprefix("- ") for line in str(e).splitlines())) from None
     check_arguments(data_args, training_args, lora_args)
     check_model_arguments(model_args)
-    check_distributed_setup(training_args, lora_args)
+    check_distributed_setup(training_args, lora_args, model_args.attn_implementation)
+    # The last change: from here on the flags stay as parsed.
+    settle_distributed_settings(training_args, lora_args, model_args.attn_implementation)
     return model_args, data_args, training_args, lora_args
 
 
@@ -681,443 +690,6 @@ def split_names(items):
     return [name for item in items for name in re.split(r"[,\s]+", item) if name]
 
 
-def newest_complete_checkpoint(output_dir):
-    """The newest checkpoint-N in output_dir that can resume training, or None; says why it skips newer ones."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = sorted((int(name.split("-")[1]) for name in os.listdir(output_dir)
-                    if name.startswith("checkpoint-") and name.split("-")[1].isdigit()), reverse=True)
-    for step in steps:
-        folder = os.path.join(output_dir, f"checkpoint-{step}")
-        problem = checkpoint_problem(folder, step)
-        if problem is None:
-            return folder
-        log.warning(f"skipping {folder}: {problem}")
-    return None
-
-
-def checkpoint_problem(folder, step=None):
-    """Why this checkpoint cannot resume training, or None, judged on its content: a trainer_state.json that names
-    its step (the Trainer writes it last, so a save cut short lacks it), weights and optimizer state present, and
-    every weights and torch file complete (safetensors headers against file sizes, torch archives readable)."""
-    try:
-        with open(os.path.join(folder, "trainer_state.json")) as f:
-            state = json.load(f)
-    except OSError:
-        return "it has no trainer_state.json (its save did not finish)"
-    except ValueError:
-        return "its trainer_state.json is not valid JSON"
-    if not isinstance(state, dict) or (step is not None and state.get("global_step") != step):
-        return f"its trainer_state.json does not name step {step}"
-    names = set(os.listdir(folder))
-    deepspeed_states = [name for name in names if name.startswith("global_step")]
-    if not deepspeed_states and not holds_weights(names):
-        return "it holds no model or adapter weights"
-    if "optimizer.pt" not in names and not deepspeed_states:
-        return "it holds no optimizer state (saved with --save_only_model?)"
-    return weights_problem(folder, [os.path.join(d, name) for d in deepspeed_states
-                                    if os.path.isdir(os.path.join(folder, d))
-                                    for name in sorted(os.listdir(os.path.join(folder, d)))])
-
-
-def holds_weights(names):
-    """Whether a folder's file names include model or adapter weights (training_args.bin is the Trainer's flags)."""
-    return any(name.endswith((".safetensors", ".bin")) and name != "training_args.bin" for name in names)
-
-
-def weights_problem(folder, more_files=()):
-    """The first thing wrong with a folder's weights (a model's or a checkpoint's), or None: a shard that an index
-    lists and the folder lacks, or a weights or torch file cut short (`more_files`: paths under `folder` too)."""
-    names = set(os.listdir(folder))
-    for index in sorted(name for name in names if name.endswith(".index.json")):
-        with open(os.path.join(folder, index)) as f:
-            missing = sorted(set(json.load(f).get("weight_map", {}).values()) - names)
-        if missing:
-            return f"{missing[0]} (listed in {index}) is missing"
-    for name in [*sorted(names), *more_files]:
-        if problem := weights_file_problem(os.path.join(folder, name)):
-            return f"{name} {problem}"
-    return None
-
-
-def weights_file_problem(path):
-    """Why a .safetensors or torch file (.pt, .pth, .bin) is not complete, or None; reads headers, never tensors."""
-    if path.endswith(".safetensors"):
-        size = os.path.getsize(path)
-        try:
-            with open(path, "rb") as f:
-                header_size = int.from_bytes(f.read(8), "little")
-                if header_size > size - 8:
-                    return "is truncated"
-                header = json.loads(f.read(header_size))
-            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
-            return "has a broken header"
-        return None if 8 + header_size + end == size else f"is truncated ({size:,} of {8 + header_size + end:,} bytes)"
-    if path.endswith((".pt", ".pth", ".bin")):
-        try:
-            with zipfile.ZipFile(path) as archive:  # torch.save writes a zip archive; its directory comes last
-                members = archive.infolist()
-        except (zipfile.BadZipFile, OSError):
-            return "is truncated or corrupt"
-        if any(m.header_offset + m.compress_size > os.path.getsize(path) for m in members):
-            return "is truncated"
-    return None
-
-
-def check_checkpoint_fits(folder, model_args, lora_args):
-    """A checkpoint trained with other LoRA flags or another model cannot be resumed: say which flag differs."""
-    afresh = "or start afresh with --overwrite_output_dir true"
-    adapter_config = os.path.join(folder, "adapter_config.json")
-    if not os.path.isfile(adapter_config):
-        if lora_args.use_lora:
-            raise UserError(f"{folder} holds a full fine-tune, but this run trains a LoRA adapter (--use_lora); "
-                            f"drop --use_lora to resume it, {afresh}")
-        return
-    if not lora_args.use_lora:
-        raise UserError(f"{folder} holds a LoRA adapter, but this run fine-tunes every weight; add --use_lora true "
-                        f"to resume it, {afresh}")
-    try:
-        with open(adapter_config) as f:
-            config = json.load(f)
-    except ValueError:
-        raise UserError(f"{adapter_config} is not valid JSON; {afresh[3:]}") from None
-    config["modules_to_save"] = sorted(config.get("modules_to_save") or [])
-    flags = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_bias": "bias", "lora_modules_to_save": "modules_to_save"}
-    if not lora_args.lora_weight_path:
-        for flag, key in flags.items():
-            value = getattr(lora_args, flag)
-            value = sorted(value) if isinstance(value, list) else value
-            if key in config and config[key] != value:
-                raise UserError(f"{folder} was trained with --{flag} {config[key]}, this run asks for "
-                                f"--{flag} {value}; use the same value to resume it, {afresh}")
-    base = config.get("base_model_name_or_path")
-    if base and not same_model(base, model_args.model_name_or_path):
-        raise UserError(f"{folder} adapts {base}, but this run's --model_name_or_path is "
-                        f"{model_args.model_name_or_path}; use that model to resume it, {afresh}")
-
-
-def same_model(a, b):
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.realpath(a) == os.path.realpath(b)
-    return a.rstrip("/") == b.rstrip("/")
-
-
-def data_fingerprint(paths):
-    """A content hash of the training data: every source's bytes, in order (not names or dates). A checkpoint
-    records it, so that a resume on changed data is noticed."""
-    digest = hashlib.sha256()
-    for path in map(os.fspath, paths):
-        detect_format(path)  # a missing, empty or unreadable file: its own message
-        # A dataset id: the bytes of the files the datasets library keeps it in.
-        files = [f["filename"] for f in load_hub_dataset(path).cache_files] if path.startswith(HUB_PREFIX) else [path]
-        for file in files:
-            stat = os.stat(file)
-            digest.update(file_digest(file, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino).encode())
-    return digest.hexdigest()
-
-
-@functools.lru_cache(maxsize=None)
-def file_digest(path, size, mtime_ns, ctime_ns, inode):
-    """One file's content hash, read once per process (resume and the cache key both want it); the file's size,
-    dates and inode only tell whether this process has read this version already (a write changes its ctime,
-    whatever is done to its mtime)."""
-    digest = hashlib.sha256(f"{size}:".encode())  # where one file ends and the next begins
-    progress = Progress(f"reading {path}", total=-(-size >> 20), unit="MB",
-                        show=size > HASH_PROGRESS_BYTES and is_local_main_process())
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-            progress.update(progress.done + 1)
-    progress.close()
-    return digest.hexdigest()
-
-
-HASH_PROGRESS_BYTES = 1 << 30  # files this large show the progress of their hashing (a few seconds a GB)
-
-
-def sources_fingerprint(data_args, training_args):
-    """What a run trains on: the content of every source in order, what is taken from each (by --seed), and the
-    flags that decide which samples are kept and how they are cut (a resume skips batches by position)."""
-    sources = parse_sources(data_args.data_path)
-    takes = [source.take for source in sources]
-    selection = json.dumps([takes, training_args.seed if any(take is not None for take in takes) or
-                            data_args.val_size else None, data_args.val_size, data_args.template,
-                            data_args.system_message, data_args.chat_template_kwargs, data_args.mask_history,
-                            [source.mapping for source in sources], training_args.model_max_length])
-    return hashlib.sha256((data_fingerprint([p for s in sources for p in s.parts]) + selection).encode()).hexdigest()
-
-
-def recorded_fingerprint(folder):
-    return recorded_run_facts(folder).get("fingerprint")
-
-
-def recorded_run_facts(folder):
-    """What RecordTrainingData wrote into a checkpoint ({} for one written by an older release)."""
-    with open(os.path.join(folder, "trainer_state.json")) as f:
-        state = json.load(f)
-    return state.get("stateful_callbacks", {}).get(RecordTrainingData.__name__, {}).get("args", {}) or {}
-
-
-def run_shape(training_args):
-    """How a run makes its global batch (the samples of one optimizer step): per device x accumulation x
-    data-parallel processes (a sequence-parallel group of processes counts as one)."""
-    data_parallel = training_args.world_size // training_args.sequence_parallel_size
-    return {"processes": training_args.world_size, "data_parallel": data_parallel,
-            "per_device": training_args.per_device_train_batch_size,
-            "accumulation": training_args.gradient_accumulation_steps,
-            "global_batch": training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-            * data_parallel, "zero_stage": deepspeed_zero_stage(training_args)}
-
-
-def fit_run_to_checkpoint(training_args, checkpoint):
-    """The training arguments that resume `checkpoint` as it was trained, on however many processes this run has.
-
-    The global batch (what the learning rate was tuned for) is kept: on another number of processes, or with
-    another --per_device_train_batch_size, gradient accumulation is set so that a step holds the same samples;
-    the Trainer's sampler orders samples independently of the processes, so step k+1 then trains exactly the
-    samples it would have. A DeepSpeed checkpoint of another number of processes (its optimizer state is split
-    per process) is converted into DeepSpeed's universal format and loaded from it. Returns `training_args` itself
-    when nothing changes, else a copy: the parsed arguments stay as the user gave them."""
-    recorded = recorded_run_facts(checkpoint).get("shape")
-    now = run_shape(training_args)
-    if not recorded or (recorded["global_batch"], recorded["processes"]) == (now["global_batch"], now["processes"]):
-        return training_args
-    per_pass = now["per_device"] * now["data_parallel"]
-    accumulation, rest = divmod(recorded["global_batch"], per_pass)
-    if rest or not accumulation:
-        raise UserError(no_accumulation_fits(checkpoint, recorded, now))
-    universal = recorded["processes"] != now["processes"] and now["zero_stage"] is not None
-    if universal and recorded["zero_stage"] != now["zero_stage"]:
-        raise UserError(f"{checkpoint} was written by DeepSpeed ZeRO-{recorded['zero_stage']}; resume it with the "
-                        "same --deepspeed config")
-    if universal:
-        agreed_by_all_ranks(make_universal_checkpoint, checkpoint)
-    log.info(f"resuming {checkpoint} ({recorded['processes']} processes, {recorded['per_device']} per device x "
-             f"{recorded['accumulation']} accumulation) on {now['processes']} processes, {now['per_device']} per "
-             f"device: gradient accumulation {accumulation} keeps its global batch of {recorded['global_batch']}")
-    return with_accumulation(training_args, accumulation, universal)
-
-
-def no_accumulation_fits(checkpoint, recorded, now):
-    """One line: why the global batch cannot be kept, and values that would keep it."""
-    global_batch, sequence = recorded["global_batch"], now["processes"] // now["data_parallel"]
-    sizes = [b for b in range(1, global_batch + 1) if global_batch % (b * now["data_parallel"]) == 0]
-    processes = [d * sequence for d in range(1, global_batch // now["per_device"] + 1)
-                 if global_batch % (now["per_device"] * d) == 0]
-    return (f"{checkpoint} was trained with a global batch of {global_batch} samples a step ({recorded['per_device']} "
-            f"per device x {recorded['accumulation']} accumulation x {recorded['data_parallel']} data-parallel "
-            f"processes); {now['per_device']} per device on {now['data_parallel']} cannot make {global_batch} with "
-            f"any accumulation: use --per_device_train_batch_size {' or '.join(map(str, sizes[:6])) or '?'} here, "
-            f"or {' or '.join(map(str, processes[:6]))} processes")
-
-
-def with_accumulation(training_args, accumulation, universal):
-    """A copy of the arguments with another gradient accumulation, and for DeepSpeed a config made again from the
-    user's file for it (the Trainer does the same when it changes its batch size), loading a universal checkpoint
-    if `universal`."""
-    adjusted = copy.copy(training_args)
-    adjusted.gradient_accumulation_steps = accumulation
-    if adjusted.deepspeed:
-        from accelerate.utils import DeepSpeedPlugin
-        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
-
-        config = adjusted.deepspeed
-        if not isinstance(config, dict):
-            with open(config) as f:
-                config = json.load(f)
-        config = copy.deepcopy(config)
-        if universal:
-            config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
-        adjusted.hf_deepspeed_config = HfTrainerDeepSpeedConfig(config)
-        adjusted.hf_deepspeed_config.trainer_config_process(adjusted)
-        adjusted.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=adjusted.hf_deepspeed_config)
-    return adjusted
-
-
-def make_universal_checkpoint(checkpoint):
-    """DeepSpeed's universal form of a checkpoint's ZeRO state (every parameter's weights and optimizer state
-    whole, loadable by any number of processes), made once with DeepSpeed's own ds_to_universal beside the
-    original and named in `latest_universal`, which DeepSpeed reads when its config says load_universal."""
-    from deepspeed.checkpoint import ds_to_universal
-
-    with open(os.path.join(checkpoint, "latest")) as f:
-        tag = f.read().strip()
-    universal = os.path.join(checkpoint, f"{tag}_universal")
-    if not os.path.isdir(universal):
-        log.info(f"{checkpoint}: converting its DeepSpeed state to the universal format for another number of "
-                 "processes (once)")
-        building = universal + ".building"
-        shutil.rmtree(building, ignore_errors=True)
-        args = argparse.Namespace(input_folder=os.path.join(checkpoint, tag), output_folder=building,
-                                  num_extract_workers=min(4, os.cpu_count() or 1), num_merge_workers=2,
-                                  keep_temp_folder=False, strict=True, inject_missing_state=True)
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress report, in print()s
-            ds_to_universal.main(args)
-        os.rename(building, universal)
-    with open(os.path.join(checkpoint, "latest_universal"), "w") as f:
-        f.write(os.path.basename(universal))
-
-
-def resolve_resume_checkpoint(training_args, model_args=None, lora_args=None, fingerprint=None):
-    """(checkpoint to resume from, checkpoint to take only the weights from): where training starts.
-
-    By default, the newest complete checkpoint in output_dir, so that repeating the command of an interrupted run
-    continues it; --resume_from_checkpoint takes a folder, true (a checkpoint must exist) or false;
-    --overwrite_output_dir starts afresh. A checkpoint trained on other data is refused, or with
-    --resume_on_new_data only its weights are taken."""
-    value = (training_args.resume_from_checkpoint or "").strip()
-    explicit = value.lower() not in ("", "true", "yes", "1", "false", "no", "0")
-    if explicit and training_args.overwrite_output_dir:
-        raise UserError("--resume_from_checkpoint FOLDER and --overwrite_output_dir contradict each other; keep one")
-    if value.lower() in ("false", "no", "0") or training_args.overwrite_output_dir:
-        return None, None
-    if explicit:
-        if not os.path.isdir(value):
-            raise UserError(f"--resume_from_checkpoint {value}: no such folder")
-        if problem := checkpoint_problem(value):
-            raise UserError(f"--resume_from_checkpoint {value}: cannot resume from it: {problem}")
-        checkpoint = value
-    else:
-        checkpoint = newest_complete_checkpoint(training_args.output_dir)
-        if checkpoint is None:
-            if value:
-                raise UserError(f"--resume_from_checkpoint true: no complete checkpoint-* folder in --output_dir "
-                                f"{training_args.output_dir}")
-            return None, None
-    if model_args is not None:
-        check_checkpoint_fits(checkpoint, model_args, lora_args)
-    recorded = recorded_fingerprint(checkpoint)
-    if recorded is None and fingerprint is not None:
-        log.warning(f"{checkpoint} does not record what data it was trained on (an older release wrote it); "
-                    "resuming on the data given now")
-    if fingerprint is None or recorded is None or recorded == fingerprint:
-        return checkpoint, None
-    if training_args.resume_on_new_data:
-        return None, set_aside_checkpoints(training_args.output_dir, checkpoint, recorded)
-    raise UserError(f"{checkpoint} was trained on other data than --data_path now holds, or with other "
-                    "--model_max_length, --template, --system_message, --chat_template_kwargs, --mask_history, "
-                    f"--val_size or mix (content hash {recorded[:12]} then, {fingerprint[:12]} now); start afresh with --overwrite_output_dir true, "
-                    "or continue from its weights on the new data with --resume_on_new_data true")
-
-
-def set_aside_checkpoints(output_dir, checkpoint, recorded):
-    """--resume_on_new_data: the old data's checkpoints move to previous-data-HASH/, so that checkpoint rotation
-    and later resumes see only the new run's; returns where `checkpoint` went."""
-    aside = os.path.join(output_dir, f"previous-data-{recorded[:12]}")
-    os.makedirs(aside, exist_ok=True)
-    for name in os.listdir(output_dir):
-        if name.startswith("checkpoint-"):
-            shutil.move(os.path.join(output_dir, name), os.path.join(aside, name))
-    log.info(f"moved the checkpoints trained on the earlier data to {aside}")
-    return os.path.join(aside, os.path.basename(checkpoint))
-
-
-def claim_output_dir(output_dir, model_path):
-    """A folder this run can write, that is not the model it starts from, and that no other run is using."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise UserError(f"--output_dir {output_dir} is a file, not a folder")
-    if os.path.isdir(model_path) and os.path.realpath(model_path) == os.path.realpath(output_dir):
-        raise UserError(f"--output_dir {output_dir} is the model folder: the result would overwrite the model it "
-                        "starts from; choose another folder")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output_dir):
-            pass
-    except OSError as e:
-        raise UserError(f"--output_dir {output_dir}: cannot write there ({e.strerror})") from None
-    lock_output_dir(output_dir)
-
-
-OUTPUT_LOCK = ".finetune.lock"
-WAIT_REPORT_SECONDS = 300  # how often a process that waits for another one says so again
-_held_lock = None  # the open lock file: the kernel releases it when this process ends, however it ends
-
-
-def lock_output_dir(output_dir):
-    """One run per output folder: the second stops and names the first; a lock left by a dead run is taken over.
-    The lock file is never removed, so that every run locks the same file."""
-    global _held_lock
-    path = os.path.join(output_dir, OUTPUT_LOCK)
-    try:
-        _held_lock = acquire_lock(path)
-    except BlockingIOError as e:
-        raise UserError(f"--output_dir {output_dir} is in use by another run ({e.args[0] or 'holder unknown'}); wait "
-                        "for it to end or choose another folder") from None
-    except OSError as e:  # a file system without locks (some network and FUSE mounts)
-        log.warning(f"--output_dir {output_dir}: cannot lock it ({e.strerror}); make sure no other run uses it")
-
-
-def release_output_dir():
-    global _held_lock
-    if _held_lock is not None:
-        _held_lock.truncate(0)  # released, not abandoned
-        _held_lock.close()
-        _held_lock = None
-
-
-def acquire_lock(path, waiting=None):
-    """An exclusive lock on the file `path` (created if missing), held until the returned file is closed; it says
-    who holds it (pid, host, since). Held by another process: BlockingIOError naming the holder, or with `waiting`
-    (what the holder does) wait for it, saying so now and every few minutes. The file locked is checked to be the
-    one at `path` still, so that a holder removing it on release can never leave two processes holding "it"."""
-    said = 0.0
-    while True:
-        lock = open(path, "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip()
-            lock.close()
-            if waiting is None:
-                raise BlockingIOError(holder) from None
-            if time.perf_counter() - said > WAIT_REPORT_SECONDS:
-                said = time.perf_counter()
-                log.info(f"waiting for another job ({holder or 'holder unknown'}) that is {waiting}")
-            time.sleep(0.5)
-            continue
-        except OSError:
-            lock.close()
-            raise
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
-                lock.seek(0)
-                if previous := lock.read().strip():
-                    log.info(f"{path}: taking over the lock of a process that ended without releasing it ({previous})")
-                lock.truncate(0)
-                lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-                lock.flush()
-                return lock
-        lock.close()  # removed or replaced meanwhile: lock the file that is there now
-
-
-def lock_holder(path):
-    """Who holds the lock file `path` (pid, host, since), as its holder wrote it; None if nobody says."""
-    with contextlib.suppress(OSError):
-        with open(path) as f:
-            return f.read().strip() or None
-    return None
-
-
-@contextlib.contextmanager
-def locked_file(path, waiting):
-    """acquire_lock as a context, removing the file when done (acquire_lock's check makes that safe); on a file
-    system without locks, carry on unlocked (a second builder's result is as good as ours)."""
-    try:
-        lock = acquire_lock(path, waiting)
-    except BlockingIOError:
-        raise
-    except OSError:
-        lock = open(path, "a+")
-    try:
-        yield lock
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-        lock.close()
-
-
 # ----------------------------------------------------------------------------------------------------------
 # 2. Distributed: torchrun / DDP, the deepspeed launcher, DeepSpeed ZeRO-2/3, sequence parallelism (Ulysses).
 # ----------------------------------------------------------------------------------------------------------
@@ -1217,8 +789,8 @@ def report_error(message):
     file or a bad variable must say so, not hang silently."""
     if is_main_process():
         print(f"error: {message}", file=sys.stderr)
-    elif os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"error (rank {os.environ.get('RANK')}): {message}", file=sys.stderr)
+    elif is_local_main_process():
+        print(f"error (rank {process_rank()}): {message}", file=sys.stderr)
 
 
 def prepare_launch_environment(argv):
@@ -1246,7 +818,7 @@ def prepare_launch_environment(argv):
         PartialState(backend="gloo")
         del os.environ["ACCELERATE_USE_DEEPSPEED"]
         return argv + ["--accelerator_config", '{"use_configured_state": true}']
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size() > 1:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # else DDP ranks each train alone and exit 0
     return argv
 
@@ -1269,27 +841,29 @@ def deepspeed_zero_stage(training_args):
     return config.config.get("zero_optimization", {}).get("stage", 0) if training_args.deepspeed and config else None
 
 
-def check_distributed_setup(training_args, lora_args):
+def check_distributed_setup(training_args, lora_args, attn_implementation):
     """Stop at start-up, in one line, on a combination that cannot work or ranks that did not find each other."""
     if lora_args.q_lora and uses_zero3():
         raise UserError("--q_lora cannot be combined with ZeRO-3 here; use ds_config_zero2.json (or no --deepspeed)")
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = world_size()
     if launched > 1 and training_args.world_size != launched:
         raise UserError(
             f"the launcher started {launched} processes but they did not join one group "
             f"(this one sees a world of {training_args.world_size}); check the launcher's variables"
         )
+    check_sequence_parallelism(training_args, attn_implementation)
 
 
 SEQUENCE_PARALLEL_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
 
 
-def setup_sequence_parallelism(training_args, attn_implementation, model_config):
+def check_sequence_parallelism(training_args, attn_implementation):
     """--sequence_parallel_size N: DeepSpeed's Ulysses (ALST), driven by the Trainer's own parallelism_config.
 
     Each rank of a group of N holds 1/N of every sequence; around attention the ranks swap slices for heads, so
     each sees whole sequences for 1/N of the heads. Every group trains the batches its N ranks were given, one
-    after another (world size = data-parallel groups x N). The loss is ours (FinetuneTrainer.sequence_parallel_loss)."""
+    after another (world size = data-parallel groups x N). The loss is ours (FinetuneTrainer.sequence_parallel_loss).
+    What the model itself must allow is checked on its config (check_sequence_parallel_model)."""
     n = training_args.sequence_parallel_size
     if n == 1:
         return
@@ -1303,6 +877,19 @@ def setup_sequence_parallelism(training_args, attn_implementation, model_config)
     if attention not in SEQUENCE_PARALLEL_ATTENTION:
         raise UserError(f"--attn_implementation {attention} cannot be split over ranks; with {flag} use one of "
                         f"{', '.join(SEQUENCE_PARALLEL_ATTENTION)}")
+    if training_args.packing:
+        # Ulysses drops the attention mask: sdpa then masks causally over the whole row. Flash attention could keep
+        # packed samples apart by their position ids, but that path cannot be tested without a GPU.
+        raise UserError(f"--packing cannot be combined with {flag}: the packed samples would attend to each other "
+                        "(long samples fill a batch without packing)")
+
+
+def check_sequence_parallel_model(training_args, model_config):
+    """The model's side of --sequence_parallel_size: no recurrent layers, and heads that N can split."""
+    n = training_args.sequence_parallel_size
+    if n == 1:
+        return
+    flag = f"--sequence_parallel_size {n}"
     text_config = model_config.get_text_config()
     if "linear_attention" in (getattr(text_config, "layer_types", None) or []):
         raise UserError(f"{flag}: this model's linear-attention (Gated DeltaNet) layers carry a state along the whole "
@@ -1312,17 +899,24 @@ def setup_sequence_parallelism(training_args, attn_implementation, model_config)
     if heads % n or (kv_heads % n and n % kv_heads):
         raise UserError(f"{flag}: the model has {heads} attention heads and {kv_heads} key/value heads; N must "
                         f"divide the attention heads, and divide or be a multiple of the key/value heads")
-    if training_args.packing:
-        # Ulysses drops the attention mask: sdpa then masks causally over the whole row. Flash attention could keep
-        # packed samples apart by their position ids, but that path cannot be tested without a GPU.
-        raise UserError(f"--packing cannot be combined with {flag}: the packed samples would attend to each other "
-                        "(long samples fill a batch without packing)")
+
+
+def settle_distributed_settings(training_args, lora_args, attn_implementation):
+    """What the launch decides in the Trainer's own arguments, set once while they are parsed: DDP told that a
+    LoRA run's frozen base has no gradients (by design), and sequence parallelism as the Trainer's
+    parallelism_config."""
+    if lora_args.use_lora and training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = False
+    n = training_args.sequence_parallel_size
+    if n == 1:
+        return
     from accelerate.parallelism_config import ParallelismConfig
     from accelerate.utils import DeepSpeedSequenceParallelConfig
 
     training_args.parallelism_config = ParallelismConfig(  # DeepSpeed's batch size counts the dp_shard groups
         sp_backend="deepspeed", sp_size=n, dp_shard_size=training_args.world_size // n,
-        sp_handler=DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_attn_implementation=attention))
+        sp_handler=DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True,
+                                                   sp_attn_implementation=attn_implementation or "sdpa"))
     log.info(f"sequence parallelism: every sequence split over {n} ranks, "
              f"{training_args.world_size // n} data-parallel group(s)")
 
@@ -1522,7 +1116,461 @@ def gather_trainable_state_dict(model, keep):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Data: read -> check -> render (chat template or ChatML) -> tokenize -> labels
+# 3. Run folder: one run per output folder, checkpoints that can resume, what a checkpoint records
+#    (data fingerprint, run shape), and where a run resumes
+# ----------------------------------------------------------------------------------------------------------
+
+def claim_output_dir(output_dir, model_path):
+    """A folder this run can write, that is not the model it starts from, and that no other run is using."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"--output_dir {output_dir} is a file, not a folder")
+    if os.path.isdir(model_path) and os.path.realpath(model_path) == os.path.realpath(output_dir):
+        raise UserError(f"--output_dir {output_dir} is the model folder: the result would overwrite the model it "
+                        "starts from; choose another folder")
+    if problem := write_problem(output_dir):
+        raise UserError(f"--output_dir {output_dir}: cannot write there ({problem})")
+    lock_output_dir(output_dir)
+
+
+def write_problem(folder):
+    """Why this process cannot write files into `folder` (made if missing), or None: the one write probe, for the
+    output folder and the tokenized cache."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
+
+
+OUTPUT_LOCK = ".finetune.lock"
+WAIT_REPORT_SECONDS = 300  # how often a process that waits for another one says so again
+_held_lock = None  # the open lock file: the kernel releases it when this process ends, however it ends
+
+
+def lock_output_dir(output_dir):
+    """One run per output folder: the second stops and names the first; a lock left by a dead run is taken over.
+    The lock file is never removed, so that every run locks the same file."""
+    global _held_lock
+    path = os.path.join(output_dir, OUTPUT_LOCK)
+    try:
+        _held_lock = acquire_lock(path)
+    except BlockingIOError as e:
+        raise UserError(f"--output_dir {output_dir} is in use by another run ({e.args[0] or 'holder unknown'}); wait "
+                        "for it to end or choose another folder") from None
+    except OSError as e:  # a file system without locks (some network and FUSE mounts)
+        log.warning(f"--output_dir {output_dir}: cannot lock it ({e.strerror}); make sure no other run uses it")
+
+
+def release_output_dir():
+    global _held_lock
+    if _held_lock is not None:
+        _held_lock.truncate(0)  # released, not abandoned
+        _held_lock.close()
+        _held_lock = None
+
+
+def acquire_lock(path, waiting=None):
+    """An exclusive lock on the file `path` (created if missing), held until the returned file is closed; it says
+    who holds it (pid, host, since). Held by another process: BlockingIOError naming the holder, or with `waiting`
+    (what the holder does) wait for it, saying so now and every few minutes. The file locked is checked to be the
+    one at `path` still, so that a holder removing it on release can never leave two processes holding "it"."""
+    said = 0.0
+    while True:
+        lock = open(path, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            lock.close()
+            if waiting is None:
+                raise BlockingIOError(holder) from None
+            if time.perf_counter() - said > WAIT_REPORT_SECONDS:
+                said = time.perf_counter()
+                log.info(f"waiting for another job ({holder or 'holder unknown'}) that is {waiting}")
+            time.sleep(0.5)
+            continue
+        except OSError:
+            lock.close()
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                lock.seek(0)
+                if previous := lock.read().strip():
+                    log.info(f"{path}: taking over the lock of a process that ended without releasing it ({previous})")
+                lock.truncate(0)
+                lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+                lock.flush()
+                return lock
+        lock.close()  # removed or replaced meanwhile: lock the file that is there now
+
+
+def lock_holder(path):
+    """Who holds the lock file `path` (pid, host, since), as its holder wrote it; None if nobody says."""
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            return f.read().strip() or None
+    return None
+
+
+@contextlib.contextmanager
+def locked_file(path, waiting):
+    """acquire_lock as a context, removing the file when done (acquire_lock's check makes that safe); on a file
+    system without locks, carry on unlocked (a second builder's result is as good as ours)."""
+    try:
+        lock = acquire_lock(path, waiting)
+    except BlockingIOError:
+        raise
+    except OSError:
+        lock = open(path, "a+")
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        lock.close()
+
+
+def checkpoint_folder(output_dir, step):
+    """Where the Trainer writes the checkpoint of `step`: its own name for it, checkpoint-N."""
+    return os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+
+
+def checkpoint_steps(output_dir):
+    """The steps of the checkpoint-N folders in output_dir, newest first ([] without the folder)."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return sorted((int(match[1]) for name in names if (match := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name))),
+                  reverse=True)
+
+
+def newest_complete_checkpoint(output_dir):
+    """The newest checkpoint-N in output_dir that can resume training, or None; says why it skips newer ones."""
+    for step in checkpoint_steps(output_dir):
+        folder = checkpoint_folder(output_dir, step)
+        problem = checkpoint_problem(folder, step)
+        if problem is None:
+            return folder
+        log.warning(f"skipping {folder}: {problem}")
+    return None
+
+
+def checkpoint_problem(folder, step=None):
+    """Why this checkpoint cannot resume training, or None, judged on its content: a trainer_state.json that names
+    its step (the Trainer writes it last, so a save cut short lacks it), weights and optimizer state present, and
+    every weights and torch file complete (safetensors headers against file sizes, torch archives readable)."""
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            state = json.load(f)
+    except OSError:
+        return "it has no trainer_state.json (its save did not finish)"
+    except ValueError:
+        return "its trainer_state.json is not valid JSON"
+    if not isinstance(state, dict) or (step is not None and state.get("global_step") != step):
+        return f"its trainer_state.json does not name step {step}"
+    names = set(os.listdir(folder))
+    deepspeed_states = [name for name in names if name.startswith("global_step")]
+    if not deepspeed_states and not holds_weights(names):
+        return "it holds no model or adapter weights"
+    if "optimizer.pt" not in names and not deepspeed_states:
+        return "it holds no optimizer state (saved with --save_only_model?)"
+    return weights_problem(folder, [os.path.join(d, name) for d in deepspeed_states
+                                    if os.path.isdir(os.path.join(folder, d))
+                                    for name in sorted(os.listdir(os.path.join(folder, d)))])
+
+
+def holds_weights(names):
+    """Whether a folder's file names include model or adapter weights (training_args.bin is the Trainer's flags)."""
+    return any(name.endswith((".safetensors", ".bin")) and name != "training_args.bin" for name in names)
+
+
+def weights_problem(folder, more_files=()):
+    """The first thing wrong with a folder's weights (a model's or a checkpoint's), or None: a shard that an index
+    lists and the folder lacks, or a weights or torch file cut short (`more_files`: paths under `folder` too)."""
+    names = set(os.listdir(folder))
+    for index in sorted(name for name in names if name.endswith(".index.json")):
+        with open(os.path.join(folder, index)) as f:
+            missing = sorted(set(json.load(f).get("weight_map", {}).values()) - names)
+        if missing:
+            return f"{missing[0]} (listed in {index}) is missing"
+    for name in [*sorted(names), *more_files]:
+        if problem := weights_file_problem(os.path.join(folder, name)):
+            return f"{name} {problem}"
+    return None
+
+
+def weights_file_problem(path):
+    """Why a .safetensors or torch file (.pt, .pth, .bin) is not complete, or None; reads headers, never tensors."""
+    if path.endswith(".safetensors"):
+        size = os.path.getsize(path)
+        try:
+            with open(path, "rb") as f:
+                header_size = int.from_bytes(f.read(8), "little")
+                if header_size > size - 8:
+                    return "is truncated"
+                header = json.loads(f.read(header_size))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return "has a broken header"
+        return None if 8 + header_size + end == size else f"is truncated ({size:,} of {8 + header_size + end:,} bytes)"
+    if path.endswith((".pt", ".pth", ".bin")):
+        try:
+            with zipfile.ZipFile(path) as archive:  # torch.save writes a zip archive; its directory comes last
+                members = archive.infolist()
+        except (zipfile.BadZipFile, OSError):
+            return "is truncated or corrupt"
+        if any(m.header_offset + m.compress_size > os.path.getsize(path) for m in members):
+            return "is truncated"
+    return None
+
+
+def check_checkpoint_fits(folder, model_args, lora_args):
+    """A checkpoint trained with other LoRA flags or another model cannot be resumed: say which flag differs."""
+    afresh = "or start afresh with --overwrite_output_dir true"
+    adapter_config = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(adapter_config):
+        if lora_args.use_lora:
+            raise UserError(f"{folder} holds a full fine-tune, but this run trains a LoRA adapter (--use_lora); "
+                            f"drop --use_lora to resume it, {afresh}")
+        return
+    if not lora_args.use_lora:
+        raise UserError(f"{folder} holds a LoRA adapter, but this run fine-tunes every weight; add --use_lora true "
+                        f"to resume it, {afresh}")
+    try:
+        with open(adapter_config) as f:
+            config = json.load(f)
+    except ValueError:
+        raise UserError(f"{adapter_config} is not valid JSON; {afresh[3:]}") from None
+    config["modules_to_save"] = sorted(config.get("modules_to_save") or [])
+    flags = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_bias": "bias", "lora_modules_to_save": "modules_to_save"}
+    if not lora_args.lora_weight_path:
+        for flag, key in flags.items():
+            value = getattr(lora_args, flag)
+            value = sorted(value) if isinstance(value, list) else value
+            if key in config and config[key] != value:
+                raise UserError(f"{folder} was trained with --{flag} {config[key]}, this run asks for "
+                                f"--{flag} {value}; use the same value to resume it, {afresh}")
+    base = config.get("base_model_name_or_path")
+    if base and not same_model(base, model_args.model_name_or_path):
+        raise UserError(f"{folder} adapts {base}, but this run's --model_name_or_path is "
+                        f"{model_args.model_name_or_path}; use that model to resume it, {afresh}")
+
+
+def same_model(a, b):
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def data_fingerprint(paths):
+    """A content hash of data files (or dataset ids): their bytes, in order (not names or dates). A checkpoint
+    records it, so that a resume on changed data is noticed; the tokenized cache names its entries by it."""
+    digest = hashlib.sha256()
+    for path in map(os.fspath, paths):
+        # A dataset id: the bytes of the files the datasets library keeps it in.
+        files = [f["filename"] for f in load_hub_dataset(path).cache_files] if path.startswith(HUB_PREFIX) else [path]
+        for file in files:
+            stat = os.stat(file)
+            digest.update(file_digest(file, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino).encode())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def file_digest(path, size, mtime_ns, ctime_ns, inode):
+    """One file's content hash, read once per process (resume and the cache key both want it); the file's size,
+    dates and inode only tell whether this process has read this version already (a write changes its ctime,
+    whatever is done to its mtime)."""
+    digest = hashlib.sha256(f"{size}:".encode())  # where one file ends and the next begins
+    progress = Progress(f"reading {path}", total=-(-size >> 20), unit="MB",
+                        show=size > HASH_PROGRESS_BYTES and is_local_main_process())
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            progress.update(progress.done + 1)
+    progress.close()
+    return digest.hexdigest()
+
+
+HASH_PROGRESS_BYTES = 1 << 30  # files this large show the progress of their hashing (a few seconds a GB)
+
+
+def sources_fingerprint(sources, data_args, training_args):
+    """What a run trains on: the content of every resolved source in order, what is taken from each (by --seed),
+    and the flags that decide which samples are kept and how they are cut (a resume skips batches by position)."""
+    takes = [source.take for source in sources]
+    selection = json.dumps([takes, training_args.seed if any(take is not None for take in takes) or
+                            data_args.val_size else None, data_args.val_size, data_args.template,
+                            data_args.system_message, data_args.chat_template_kwargs, data_args.mask_history,
+                            [source.mapping for source in sources], training_args.model_max_length])
+    return hashlib.sha256((data_fingerprint([p for s in sources for p in s.parts]) + selection).encode()).hexdigest()
+
+
+def recorded_fingerprint(folder):
+    return recorded_run_facts(folder).get("fingerprint")
+
+
+def recorded_run_facts(folder):
+    """What RecordTrainingData wrote into a checkpoint ({} for one written by an older release)."""
+    with open(os.path.join(folder, "trainer_state.json")) as f:
+        state = json.load(f)
+    return state.get("stateful_callbacks", {}).get(RecordTrainingData.__name__, {}).get("args", {}) or {}
+
+
+def run_shape(training_args):
+    """How a run makes its global batch (the samples of one optimizer step): per device x accumulation x
+    data-parallel processes (a sequence-parallel group of processes counts as one)."""
+    data_parallel = training_args.world_size // training_args.sequence_parallel_size
+    return {"processes": training_args.world_size, "data_parallel": data_parallel,
+            "per_device": training_args.per_device_train_batch_size,
+            "accumulation": training_args.gradient_accumulation_steps,
+            "global_batch": training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+            * data_parallel, "zero_stage": deepspeed_zero_stage(training_args)}
+
+
+def fit_run_to_checkpoint(training_args, checkpoint):
+    """The training arguments that resume `checkpoint` as it was trained, on however many processes this run has.
+
+    The global batch (what the learning rate was tuned for) is kept: on another number of processes, or with
+    another --per_device_train_batch_size, gradient accumulation is set so that a step holds the same samples;
+    the Trainer's sampler orders samples independently of the processes, so step k+1 then trains exactly the
+    samples it would have. A DeepSpeed checkpoint of another number of processes (its optimizer state is split
+    per process) is converted into DeepSpeed's universal format and loaded from it. Returns `training_args` itself
+    when nothing changes, else a copy: the parsed arguments stay as the user gave them."""
+    recorded = recorded_run_facts(checkpoint).get("shape")
+    now = run_shape(training_args)
+    if not recorded or (recorded["global_batch"], recorded["processes"]) == (now["global_batch"], now["processes"]):
+        return training_args
+    per_pass = now["per_device"] * now["data_parallel"]
+    accumulation, rest = divmod(recorded["global_batch"], per_pass)
+    if rest or not accumulation:
+        raise UserError(no_accumulation_fits(checkpoint, recorded, now))
+    universal = recorded["processes"] != now["processes"] and now["zero_stage"] is not None
+    if universal and recorded["zero_stage"] != now["zero_stage"]:
+        raise UserError(f"{checkpoint} was written by DeepSpeed ZeRO-{recorded['zero_stage']}; resume it with the "
+                        "same --deepspeed config")
+    if universal:
+        agreed_by_all_ranks(make_universal_checkpoint, checkpoint)
+    log.info(f"resuming {checkpoint} ({recorded['processes']} processes, {recorded['per_device']} per device x "
+             f"{recorded['accumulation']} accumulation) on {now['processes']} processes, {now['per_device']} per "
+             f"device: gradient accumulation {accumulation} keeps its global batch of {recorded['global_batch']}")
+    return with_accumulation(training_args, accumulation, universal)
+
+
+def no_accumulation_fits(checkpoint, recorded, now):
+    """One line: why the global batch cannot be kept, and values that would keep it."""
+    global_batch, sequence = recorded["global_batch"], now["processes"] // now["data_parallel"]
+    sizes = [b for b in range(1, global_batch + 1) if global_batch % (b * now["data_parallel"]) == 0]
+    processes = [d * sequence for d in range(1, global_batch // now["per_device"] + 1)
+                 if global_batch % (now["per_device"] * d) == 0]
+    return (f"{checkpoint} was trained with a global batch of {global_batch} samples a step ({recorded['per_device']} "
+            f"per device x {recorded['accumulation']} accumulation x {recorded['data_parallel']} data-parallel "
+            f"processes); {now['per_device']} per device on {now['data_parallel']} cannot make {global_batch} with "
+            f"any accumulation: use --per_device_train_batch_size {' or '.join(map(str, sizes[:6])) or '?'} here, "
+            f"or {' or '.join(map(str, processes[:6]))} processes")
+
+
+def with_accumulation(training_args, accumulation, universal):
+    """A copy of the arguments with another gradient accumulation, and for DeepSpeed a config made again from the
+    user's file for it (the Trainer does the same when it changes its batch size), loading a universal checkpoint
+    if `universal`."""
+    adjusted = copy.copy(training_args)
+    adjusted.gradient_accumulation_steps = accumulation
+    if adjusted.deepspeed:
+        from accelerate.utils import DeepSpeedPlugin
+        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+        config = adjusted.deepspeed
+        if not isinstance(config, dict):
+            with open(config) as f:
+                config = json.load(f)
+        config = copy.deepcopy(config)
+        if universal:
+            config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
+        adjusted.hf_deepspeed_config = HfTrainerDeepSpeedConfig(config)
+        adjusted.hf_deepspeed_config.trainer_config_process(adjusted)
+        adjusted.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=adjusted.hf_deepspeed_config)
+    return adjusted
+
+
+def make_universal_checkpoint(checkpoint):
+    """DeepSpeed's universal form of a checkpoint's ZeRO state (every parameter's weights and optimizer state
+    whole, loadable by any number of processes), made once with DeepSpeed's own ds_to_universal beside the
+    original and named in `latest_universal`, which DeepSpeed reads when its config says load_universal."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    with open(os.path.join(checkpoint, "latest")) as f:
+        tag = f.read().strip()
+    universal = os.path.join(checkpoint, f"{tag}_universal")
+    if not os.path.isdir(universal):
+        log.info(f"{checkpoint}: converting its DeepSpeed state to the universal format for another number of "
+                 "processes (once)")
+        building = universal + ".building"
+        shutil.rmtree(building, ignore_errors=True)
+        args = argparse.Namespace(input_folder=os.path.join(checkpoint, tag), output_folder=building,
+                                  num_extract_workers=min(4, os.cpu_count() or 1), num_merge_workers=2,
+                                  keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress report, in print()s
+            ds_to_universal.main(args)
+        os.rename(building, universal)
+    with open(os.path.join(checkpoint, "latest_universal"), "w") as f:
+        f.write(os.path.basename(universal))
+
+
+def resolve_resume_checkpoint(training_args, model_args=None, lora_args=None, fingerprint=None):
+    """(checkpoint to resume from, checkpoint to take only the weights from): where training starts.
+
+    By default, the newest complete checkpoint in output_dir, so that repeating the command of an interrupted run
+    continues it; --resume_from_checkpoint takes a folder, true (a checkpoint must exist) or false;
+    --overwrite_output_dir starts afresh. A checkpoint trained on other data is refused, or with
+    --resume_on_new_data only its weights are taken."""
+    value = (training_args.resume_from_checkpoint or "").strip()
+    explicit = value.lower() not in ("", "true", "yes", "1", "false", "no", "0")
+    if explicit and training_args.overwrite_output_dir:
+        raise UserError("--resume_from_checkpoint FOLDER and --overwrite_output_dir contradict each other; keep one")
+    if value.lower() in ("false", "no", "0") or training_args.overwrite_output_dir:
+        return None, None
+    if explicit:
+        if not os.path.isdir(value):
+            raise UserError(f"--resume_from_checkpoint {value}: no such folder")
+        if problem := checkpoint_problem(value):
+            raise UserError(f"--resume_from_checkpoint {value}: cannot resume from it: {problem}")
+        checkpoint = value
+    else:
+        checkpoint = newest_complete_checkpoint(training_args.output_dir)
+        if checkpoint is None:
+            if value:
+                raise UserError(f"--resume_from_checkpoint true: no complete checkpoint-* folder in --output_dir "
+                                f"{training_args.output_dir}")
+            return None, None
+    if model_args is not None:
+        check_checkpoint_fits(checkpoint, model_args, lora_args)
+    recorded = recorded_fingerprint(checkpoint)
+    if recorded is None and fingerprint is not None:
+        log.warning(f"{checkpoint} does not record what data it was trained on (an older release wrote it); "
+                    "resuming on the data given now")
+    if fingerprint is None or recorded is None or recorded == fingerprint:
+        return checkpoint, None
+    if training_args.resume_on_new_data:
+        return None, set_aside_checkpoints(training_args.output_dir, checkpoint, recorded)
+    raise UserError(f"{checkpoint} was trained on other data than --data_path now holds, or with other "
+                    "--model_max_length, --template, --system_message, --chat_template_kwargs, --mask_history, "
+                    f"--val_size or mix (content hash {recorded[:12]} then, {fingerprint[:12]} now); start afresh with --overwrite_output_dir true, "
+                    "or continue from its weights on the new data with --resume_on_new_data true")
+
+
+def set_aside_checkpoints(output_dir, checkpoint, recorded):
+    """--resume_on_new_data: the old data's checkpoints move to previous-data-HASH/, so that checkpoint rotation
+    and later resumes see only the new run's; returns where `checkpoint` went."""
+    aside = os.path.join(output_dir, f"previous-data-{recorded[:12]}")
+    os.makedirs(aside, exist_ok=True)
+    for step in checkpoint_steps(output_dir):
+        shutil.move(checkpoint_folder(output_dir, step), checkpoint_folder(aside, step))
+    log.info(f"moved the checkpoints trained on the earlier data to {aside}")
+    return os.path.join(aside, os.path.basename(checkpoint))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Data: read -> check -> render (chat template or ChatML) -> tokenize -> labels
 # ----------------------------------------------------------------------------------------------------------
 
 DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."  # ChatML's system turn for samples without one
@@ -1574,6 +1622,7 @@ class Source:
     parts: list  # file paths, or one HUB_PREFIX + dataset id
     take: Optional[float] = None  # None: every sample; an int: that many; a float: that fraction
     mapping: Optional[dict] = None  # a LLaMA-Factory entry's formatting, columns and tags (from_llama_factory)
+    formats: list = field(default_factory=list)  # each part's detect_format, filled by resolve_sources
 
     @property
     def matched_files(self):
@@ -1581,6 +1630,17 @@ class Source:
         location = self.spec.rpartition("#")[0] if self.take is not None else self.spec
         pattern_or_folder = any(c in location for c in "*?[") or os.path.isdir(os.path.expanduser(location))
         return len(self.parts) if pattern_or_folder else None
+
+
+def resolve_sources(specs):
+    """--data_path (or --eval_data_path) resolved once, for the whole run: every pattern, folder and
+    dataset_info.json entry expanded to its files, and each file's format detected (a missing, empty or unreadable
+    file is its own one-line error here). Rank 0 resolves and every rank uses the result (agreed_by_all_ranks), so
+    the resume fingerprint and the datasets read the same files in the same order."""
+    sources = parse_sources(split_names(specs))
+    for source in sources:
+        source.formats = [detect_format(part) for part in source.parts]
+    return sources
 
 
 def parse_sources(specs):
@@ -1829,13 +1889,13 @@ def detect_format(path):
     raise DataError(f"{path}: the file is empty (no samples)")
 
 
-def iter_raw_samples(path, start=0, end=None, first_line=1):
-    """Yield (where, sample, offset) for every sample; `where` names the file and line or index for messages.
+def iter_raw_samples(path, kind, start=0, end=None, first_line=1):
+    """Yield (where, sample, offset) for every sample of a file of format `kind` (detect_format's); `where` names
+    the file and line or index for messages.
 
     For JSON Lines, `offset` is the byte offset of the sample's line (what the lazy dataset keeps), and only the
     lines from byte `start` (line number `first_line`) to byte `end` are read; for a JSON array it is the sample's
     index, for a table (Parquet, dataset id) the row's, from row `start` to row `end`."""
-    kind = detect_format(path)
     if kind in ("parquet", "hub"):
         name = path.removeprefix(HUB_PREFIX)
         for row_number, row in enumerate(table_rows(path, kind, start, end), start=start):
@@ -2465,15 +2525,48 @@ def as_lists(example: dict[str, np.ndarray]) -> dict[str, list[int]]:
     return {"input_ids": example["input_ids"].tolist(), "labels": example["labels"].tolist()}
 
 
-class SupervisedDataset(Dataset):
+class TrainingData(Dataset):
+    """The dataset protocol: what every dataset here (SupervisedDataset, LazySupervisedDataset, MixedDataset,
+    ExampleSubset) offers, and who reads it.
+
+      len(d); d[i] -> {"input_ids": [...], "labels": [...]}  the Trainer's data loader, the collator
+      d.example(i) -> the same as numpy arrays; d.examples   the preview, its dump, the evaluation prompts
+      d.group_lengths     one number per sample for --group_by_length to sort by: its token count, or for a lazy
+                          dataset an estimate from its bytes (never reported as a token count)
+      d.token_counts()    each sample's tokens, exact (a lazy dataset tokenizes every sample to answer)
+      d.full_lengths      the length before truncation of every sample read, dropped ones too (the histogram)
+      d.trained_tokens()  how many tokens have a label
+      d.dropped, d.empty_assistant, d.reports   what reading counted, and one report line per source
+
+    A subclass gives __len__, example, group_lengths and full_lengths; the rest follows from them here."""
+
+    dropped = empty_assistant = 0
+    reports = ()
+
+    def __getitem__(self, i) -> dict[str, list[int]]:
+        return as_lists(self.example(int(i)))
+
+    @property
+    def examples(self):
+        return (self.example(i) for i in range(len(self)))
+
+    def token_counts(self):
+        return np.array([len(example["input_ids"]) for example in self.examples], dtype=np.int64)
+
+    def trained_tokens(self):
+        return sum(int((example["labels"] != IGNORE_INDEX).sum()) for example in self.examples)
+
+
+class SupervisedDataset(TrainingData):
     """Every sample read, checked and tokenized up front (in batched fast-tokenizer calls, by `num_workers`
     processes), kept as flat int32 arrays: example i is input_ids[offsets[i]:offsets[i + 1]] with its labels.
 
     With a `cache_dir` the arrays are built once per data version (see tokenized_cache_entry) and every later start
     and every rank memory-maps them: the operating system's page cache then holds one copy per machine."""
 
-    def __init__(self, path, encoder, batch_size=1000, cache_dir=None, num_workers=1):
-        tokenized = load_or_build_tokenized(path, encoder, cache_dir, num_workers, batch_size)
+    def __init__(self, path, encoder, batch_size=1000, cache_dir=None, num_workers=1, kind=None):
+        kind = kind or detect_format(path)  # resolve_sources has recorded it; detected here for a file given alone
+        tokenized = load_or_build_tokenized(path, kind, encoder, cache_dir, num_workers, batch_size)
         self.cached = bool(cache_dir)
         self.dropped, self.empty_assistant = tokenized.meta["dropped"], tokenized.meta["empty_assistant"]
         self.input_ids, self.labels, self.offsets, self.full_lengths = (
@@ -2485,23 +2578,18 @@ class SupervisedDataset(Dataset):
         start, end = self.offsets[i], self.offsets[i + 1]
         return {"input_ids": self.input_ids[start:end], "labels": self.labels[start:end]}
 
+    def token_counts(self):
+        return np.diff(self.offsets)  # from the offsets: no pass over the tokens
+
     @property
-    def examples(self):
-        return (self.example(i) for i in range(len(self)))
+    def group_lengths(self):
+        return self.token_counts()
 
     def trained_tokens(self):
         return int((self.labels != IGNORE_INDEX).sum())
 
-    @property
-    def lengths(self):
-        """Token counts, for --group_by_length (from the offsets: no second pass over the data)."""
-        return np.diff(self.offsets)
-
     def __len__(self):
         return max(len(self.offsets) - 1, 0)
-
-    def __getitem__(self, i) -> dict[str, list[int]]:
-        return as_lists(self.example(i))
 
 
 # The files of a tokenized data set (name: dtype), each one flat array
@@ -2544,31 +2632,30 @@ def tokenized_cache_entry(path, encoder):
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def load_or_build_tokenized(path, encoder, cache_dir, num_workers, batch_size) -> Tokenized:
+def load_or_build_tokenized(path, kind, encoder, cache_dir, num_workers, batch_size) -> Tokenized:
     """`path` tokenized. Without a cache it is built afresh in a temporary folder (removed once mapped). With one,
     the first process of each machine builds the entry (others wait on the file system, not on a collective whose
     timeout a long build would trip) and everyone maps the same files, each checking them first."""
-    detect_format(path)  # a missing, empty or unreadable file: its own message, before hashing it
-    if cache_dir and not writable_folder(cache_dir):
-        log.warning(f"--data_cache_dir {cache_dir}: cannot write there; tokenizing without a cache")
+    if cache_dir and (problem := write_problem(cache_dir)):
+        log.warning(f"--data_cache_dir {cache_dir}: cannot write there ({problem}); tokenizing without a cache")
         cache_dir = None
     if not cache_dir:
         folder = tempfile.mkdtemp(prefix="tokenized-")
         try:
-            build_tokenized(path, encoder, folder, num_workers, batch_size)
+            build_tokenized(path, kind, encoder, folder, num_workers, batch_size)
             return read_tokenized(folder)  # the mapped files live on until unmapped
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     if not is_local_main_process():
         return wait_for_cache_entry(path, encoder, cache_dir)
     for _ in range(3):  # a file that changes while it is tokenized is tokenized again, under its new hash
-        built = load_or_build_cache_entry(path, encoder, cache_dir, num_workers, batch_size)
+        built = load_or_build_cache_entry(path, kind, encoder, cache_dir, num_workers, batch_size)
         if built is not None:
             return built
     raise DataError(f"{path}: the file kept changing while it was being tokenized; run again once it is complete")
 
 
-def load_or_build_cache_entry(path, encoder, cache_dir, num_workers, batch_size) -> Optional[Tokenized]:
+def load_or_build_cache_entry(path, kind, encoder, cache_dir, num_workers, batch_size) -> Optional[Tokenized]:
     """The checked entry for `path` as it is now, built if missing or damaged; None if the file changed while it
     was being tokenized (the build is then discarded: an entry holds the tokens of the bytes its name says)."""
     identity = file_identity(path)  # before its bytes are hashed for the name
@@ -2591,7 +2678,7 @@ def load_or_build_cache_entry(path, encoder, cache_dir, num_workers, batch_size)
         os.chmod(building, 0o777 & ~current_umask())  # as readable as any folder this user makes (mkdtemp: 0700)
         started = time.perf_counter()
         try:
-            workers = build_tokenized(path, encoder, building, num_workers, batch_size)
+            workers = build_tokenized(path, kind, encoder, building, num_workers, batch_size)
             if file_identity(path) != identity or fresh_data_fingerprint(path) != digest:
                 log.warning(f"{path} changed while it was being tokenized: its tokens are discarded and it is "
                             "tokenized again")
@@ -2672,15 +2759,6 @@ def read_array(folder, name, dtype, expected):
     return array
 
 
-def writable_folder(folder):
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
-
-
 def file_identity(path):
     """What changes whenever a file is written: its size, times and inode (for a dataset id, its cached files')."""
     files = [f["filename"] for f in load_hub_dataset(path).cache_files] if path.startswith(HUB_PREFIX) else [path]
@@ -2752,17 +2830,17 @@ def wait_for_cache_entry(path, encoder, cache_dir) -> Tokenized:
         time.sleep(0.5)
 
 
-def build_tokenized(path, encoder, folder, num_workers, batch_size):
-    """Tokenize `path` into `folder` (TOKENIZED_ARRAYS as raw files, meta.json with their sizes and checksums last),
+def build_tokenized(path, kind, encoder, folder, num_workers, batch_size):
+    """Tokenize `path` (of format `kind`) into `folder` (TOKENIZED_ARRAYS as raw files, meta.json with their sizes and checksums last),
     in up to `num_workers` processes that each take a contiguous run of lines (or rows); the result is the same for
     any number of workers. Returns how many worked (a file under 1 MB is not split)."""
-    parts = split_into_line_runs(path, num_workers)
-    progress = Progress(f"tokenizing {path}", total=count_samples(path))
+    parts = split_into_line_runs(path, kind, num_workers)
+    progress = Progress(f"tokenizing {path}", total=count_samples(path, kind))
     try:
         if len(parts) == 1:
-            results = [tokenize_part(path, encoder, folder, 0, parts[0], batch_size, progress.update)]
+            results = [tokenize_part(path, kind, encoder, folder, 0, parts[0], batch_size, progress.update)]
         else:
-            results = tokenize_in_workers(path, encoder, folder, parts, batch_size, progress)
+            results = tokenize_in_workers(path, kind, encoder, folder, parts, batch_size, progress)
     finally:
         progress.close()
     meta = {"version": TOKENIZED_FORMAT_VERSION, "source": path, "dropped": sum(r["dropped"] for r in results),
@@ -2790,11 +2868,10 @@ def build_tokenized(path, encoder, folder, num_workers, batch_size):
     return len(parts)
 
 
-def split_into_line_runs(path, parts):
+def split_into_line_runs(path, kind, parts):
     """[(first byte, end byte, first line number)]: `parts` runs of whole lines of a JSON Lines file (one run for a
     JSON array, which must be parsed whole, and for a file under 1 MB); for a table, runs of rows
     [(first row, end row, first row)]."""
-    kind = detect_format(path)
     if kind in ("parquet", "hub"):  # runs of rows
         rows = table_length(path, kind)
         bounds = [rows * k // max(parts, 1) for k in range(max(parts, 1) + 1)] if rows >= 1000 else [0, rows]
@@ -2817,7 +2894,7 @@ def split_into_line_runs(path, parts):
     return runs + [(start, size, line)]
 
 
-def tokenize_in_workers(path, encoder, folder, parts, batch_size, progress):
+def tokenize_in_workers(path, kind, encoder, folder, parts, batch_size, progress):
     """tokenize_part for each of `parts` in a process of its own, forked so that it inherits the tokenizer. A worker
     that dies (killed, out of memory) ends the build with one line instead of leaving it waiting; a signal to this
     process stops the workers with it; a signal during the forks waits until they are done (a handler that ran in
@@ -2828,7 +2905,7 @@ def tokenize_in_workers(path, encoder, folder, parts, batch_size, progress):
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         for k, part in enumerate(parts):
-            workers.append(context.Process(target=tokenizing_worker, args=(path, encoder, folder, k, part, batch_size),
+            workers.append(context.Process(target=tokenizing_worker, args=(path, kind, encoder, folder, k, part, batch_size),
                                            daemon=True))
             workers[-1].start()
     finally:
@@ -2865,10 +2942,9 @@ def samples_done(folder, parts):
                if os.path.exists(path := os.path.join(folder, f"full_lengths.part{k}")))
 
 
-def count_samples(path):
+def count_samples(path, kind):
     """How many samples a file holds, for the progress of its build: its rows, or lines (JSON Lines, read fast);
     None for a JSON array (known only once parsed)."""
-    kind = detect_format(path)
     if kind in ("parquet", "hub"):
         return table_length(path, kind)
     if kind == "json":
@@ -2880,11 +2956,11 @@ def count_samples(path):
     return lines + (last != b"\n")
 
 
-def tokenizing_worker(path, encoder, folder, k, part, batch_size):
+def tokenizing_worker(path, kind, encoder, folder, k, part, batch_size):
     """A tokenizing process: it leaves its outcome in `outcome.part{k}`, its counts or the data error it met."""
     become_helper_process()
     try:
-        outcome = {"counts": tokenize_part(path, encoder, folder, k, part, batch_size)}
+        outcome = {"counts": tokenize_part(path, kind, encoder, folder, k, part, batch_size)}
     except DataError as e:
         outcome = {"data_error": str(e)}
     with open(os.path.join(folder, f"outcome.part{k}"), "w") as f:
@@ -2902,7 +2978,7 @@ def read_outcome(folder, k):
     return outcome
 
 
-def tokenize_part(path, encoder, folder, k, part, batch_size, progress=None):
+def tokenize_part(path, kind, encoder, folder, k, part, batch_size, progress=None):
     """Tokenize one run of samples into `{name}.part{k}` files; returns what it dropped and noticed. `progress` is
     told the number of samples done after each batch."""
     files = {name: open(os.path.join(folder, f"{name}.part{k}"), "wb") for name in TOKENIZED_ARRAYS}
@@ -2926,7 +3002,7 @@ def tokenize_part(path, encoder, folder, k, part, batch_size, progress=None):
 
     try:
         batch = []
-        for where, sample, _ in iter_raw_samples(path, *part):
+        for where, sample, _ in iter_raw_samples(path, kind, *part):
             batch.append(encoder.parse(sample, where))
             empty_assistant += batch[-1].has_empty_assistant_message()
             if len(batch) == batch_size:
@@ -2939,20 +3015,21 @@ def tokenize_part(path, encoder, folder, k, part, batch_size, progress=None):
     return {"dropped": dropped, "empty_assistant": empty_assistant}
 
 
-class LazySupervisedDataset(Dataset):
+class LazySupervisedDataset(TrainingData):
     """Checks every sample up front but tokenizes each one only when it is used.
 
     Memory stays flat as the file grows: for JSON Lines it keeps one byte offset per kept sample, never the
     parsed samples (a JSON array has to be parsed whole, so there the parsed samples are kept)."""
 
-    def __init__(self, path, encoder):
+    def __init__(self, path, encoder, kind=None):
         self.path, self.encoder, self.dropped, self.empty_assistant = path, encoder, 0, 0
-        self.is_jsonl = detect_format(path) == "jsonl"
+        self.kind = kind or detect_format(path)  # resolve_sources recorded it; detected here for a file given alone
+        self.is_jsonl = self.kind == "jsonl"
         self.samples = None if self.is_jsonl else []
         self.locations = array("q")  # byte offset (JSONL) or index into self.samples (JSON) of each kept sample
-        self.lengths = array("i")  # estimated tokens, capped at the token limit: for grouping by length
-        progress = Progress(f"checking {path}", total=count_samples(path), show=is_local_main_process())
-        for where, sample, location in iter_raw_samples(path):
+        self.group_lengths = array("i")  # estimated tokens, capped at the token limit
+        progress = Progress(f"checking {path}", total=count_samples(path, self.kind), show=is_local_main_process())
+        for where, sample, location in iter_raw_samples(path, self.kind):
             progress.update(progress.done + 1)
             conversation = encoder.parse(sample, where)
             self.empty_assistant += conversation.has_empty_assistant_message()
@@ -2961,7 +3038,7 @@ class LazySupervisedDataset(Dataset):
                 self.dropped += 1
                 continue
             # Qwen's tokens average about 4 UTF-8 bytes in English and about 3 (one character) in Chinese.
-            self.lengths.append(min(len(text.encode("utf-8")) // 4 + 1, encoder.model_max_length))
+            self.group_lengths.append(min(len(text.encode("utf-8")) // 4 + 1, encoder.model_max_length))
             if self.samples is not None:
                 self.samples.append(sample)
                 location = len(self.samples) - 1
@@ -2973,7 +3050,7 @@ class LazySupervisedDataset(Dataset):
     def __len__(self):
         return len(self.locations)
 
-    def __getitem__(self, i) -> dict[str, list[int]]:
+    def example(self, i):
         location = self.locations[i]
         if self.is_jsonl:
             with open(self.path, "rb") as f:
@@ -2982,19 +3059,33 @@ class LazySupervisedDataset(Dataset):
                 sample = parse_json(f.readline(), where)
         else:
             where, sample = f"{self.path} sample {location}", self.samples[location]
-        return as_lists(self.encoder.encode([self.encoder.parse(sample, where)])[0])
+        return self.encoder.encode([self.encoder.parse(sample, where)])[0]
+
+    @functools.cached_property
+    def full_lengths(self):
+        """Tokenizes every sample once (only the preview asks)."""
+        lengths, batch = [], []
+        for where, sample, _ in iter_raw_samples(self.path, self.kind):
+            batch.append(self.encoder.parse(sample, where))
+            if len(batch) == 1000:
+                lengths += [length for _, length in self.encoder.encode_with_lengths(batch)]
+                batch = []
+        if batch:
+            lengths += [length for _, length in self.encoder.encode_with_lengths(batch)]
+        return np.array(lengths, dtype=np.int64)
 
 
-def make_dataset(specs, encoder, data_args, seed=0, lazy=None):
-    """The samples of every source (--data_path or --eval_data_path), each file tokenized (or, lazily, checked) on
-    its own, and from each source the samples its #count or #fraction asks for, chosen by `seed`."""
-    lazy = data_args.lazy_preprocess if lazy is None else lazy
+def make_dataset(sources, encoder, data_args, seed=0):
+    """The samples of every resolved source (of --data_path or --eval_data_path), each file tokenized (or, with
+    --lazy_preprocess, checked) on its own, and from each source the samples its #count or #fraction asks for,
+    chosen by `seed`."""
     parts, part_of, index_in_part, reports = [], [], [], []
-    for k, source in enumerate(parse_sources(split_names(specs))):
+    for k, source in enumerate(sources):
         source_encoder = encoder.for_source(source.mapping)
-        datasets = [LazySupervisedDataset(path, source_encoder) if lazy else
+        datasets = [LazySupervisedDataset(path, source_encoder, kind) if data_args.lazy_preprocess else
                     SupervisedDataset(path, source_encoder, cache_dir=data_args.data_cache_dir,
-                                      num_workers=data_args.preprocessing_num_workers) for path in source.parts]
+                                      num_workers=data_args.preprocessing_num_workers, kind=kind)
+                    for path, kind in zip(source.parts, source.formats)]
         sizes = np.array([len(d) for d in datasets])
         if isinstance(source.take, float) and sizes.sum():
             if round(source.take * sizes.sum()) == 0:
@@ -3009,7 +3100,7 @@ def make_dataset(specs, encoder, data_args, seed=0, lazy=None):
         reports.append(report_source(source, datasets, len(chosen)))
     dataset = MixedDataset(parts, np.concatenate(part_of), np.concatenate(index_in_part), reports)
     if len(dataset) == 0:  # every source held samples: they were all dropped
-        raise DataError(f"{', '.join(specs)}: every sample was dropped ({DROP_REASON_TRUNCATED}); raise "
+        raise DataError(f"{', '.join(source.spec for source in sources)}: every sample was dropped ({DROP_REASON_TRUNCATED}); raise "
                         "--model_max_length")
     return dataset
 
@@ -3037,7 +3128,7 @@ def report_source(source, datasets, taken):
     return line
 
 
-class MixedDataset(Dataset):
+class MixedDataset(TrainingData):
     """The samples taken from several data sets: sample i is parts[part_of[i]][index_in_part[i]]."""
 
     def __init__(self, parts, part_of, index_in_part, reports):
@@ -3048,57 +3139,53 @@ class MixedDataset(Dataset):
     def __len__(self):
         return len(self.index_in_part)
 
-    def __getitem__(self, i) -> dict[str, list[int]]:
-        return self.parts[self.part_of[i]][int(self.index_in_part[i])]
-
     def example(self, i):
         return self.parts[self.part_of[i]].example(int(self.index_in_part[i]))
 
-    @property
-    def examples(self):
-        return (self.example(i) for i in range(len(self)))
-
-    @property
-    def lengths(self):
-        """Token counts of the samples taken (estimates for lazy parts), for --group_by_length."""
-        lengths = np.zeros(len(self), dtype=np.int64)
+    def from_parts(self, per_part):
+        """Each sample's value of `per_part(part)` (one value per sample of that part)."""
+        values = np.zeros(len(self), dtype=np.int64)
         for k, part in enumerate(self.parts):
             mine = self.part_of == k
-            lengths[mine] = np.asarray(part.lengths)[self.index_in_part[mine]]
-        return lengths
+            values[mine] = np.asarray(per_part(part))[self.index_in_part[mine]]
+        return values
+
+    @property
+    def group_lengths(self):
+        return self.from_parts(lambda part: part.group_lengths)
+
+    def token_counts(self):
+        return self.from_parts(lambda part: part.token_counts())
 
     @property
     def full_lengths(self):
-        """Every sample read, before truncation, dropped ones included (for the length histogram)."""
         return np.concatenate([np.asarray(part.full_lengths) for part in self.parts])
 
-    def trained_tokens(self):
-        return sum(int((np.asarray(example["labels"]) != IGNORE_INDEX).sum()) for example in self.examples)
 
+class ExampleSubset(TrainingData):
+    """Part of a dataset (a side of the --val_size split): its own samples; the whole set's reading report (what was
+    read, dropped, and the lengths before truncation)."""
 
-class ExampleSubset(torch.utils.data.Subset):
-    """Part of a dataset (a side of the --val_size split): its own samples, lengths (for --group_by_length) and
-    trained tokens; the whole set's reading report (what was read, dropped, and the lengths before truncation)."""
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, indices
+        self.reports, self.dropped, self.empty_assistant = dataset.reports, dataset.dropped, dataset.empty_assistant
 
-    @property
-    def lengths(self):
-        lengths = self.dataset.lengths
-        return [lengths[i] for i in self.indices]
+    def __len__(self):
+        return len(self.indices)
 
     def example(self, i):
         return self.dataset.example(self.indices[i])
 
     @property
-    def examples(self):
-        return (self.example(i) for i in range(len(self)))
+    def group_lengths(self):
+        return np.asarray(self.dataset.group_lengths)[self.indices]
 
-    def trained_tokens(self):
-        return sum(int((np.asarray(example["labels"]) != IGNORE_INDEX).sum()) for example in self.examples)
+    def token_counts(self):
+        return self.dataset.token_counts()[self.indices]
 
-    def __getattr__(self, name):  # reports, dropped, empty_assistant, full_lengths: the whole set's
-        if name in ("reports", "dropped", "empty_assistant", "full_lengths"):
-            return getattr(self.dataset, name)
-        raise AttributeError(name)
+    @property
+    def full_lengths(self):
+        return self.dataset.full_lengths
 
 
 def split_off_validation(dataset, val_size, seed):
@@ -3161,7 +3248,7 @@ def load_tokenizer(model_args, training_args):
         )
     except OSError as e:  # a mistyped folder or hub id, or a hub that cannot be reached: the first load to notice
         raise UserError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load a tokenizer from it "
-                        f"({str(e).splitlines()[0]})") from None
+                        f"({first_line(e)})") from None
     if tokenizer.pad_token is None:
         # Qwen's pad is <|endoftext|>; the attention mask, not the id, keeps pads out of attention.
         tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
@@ -3169,7 +3256,7 @@ def load_tokenizer(model_args, training_args):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Preview: what exactly will be trained
+# 5. Preview: what exactly will be trained
 # ----------------------------------------------------------------------------------------------------------
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
@@ -3177,7 +3264,7 @@ TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 
 def describe_dataset(dataset):
     """A short report: samples kept and dropped, token counts, lengths."""
-    lengths = np.array(dataset.lengths)
+    lengths = dataset.token_counts()
     trained = dataset.trained_tokens()
     lines = list(getattr(dataset, "reports", []))
     lines += [f"samples kept: {len(dataset)}", f"samples dropped: {dataset.dropped}"]
@@ -3246,7 +3333,7 @@ def preview(dataset, tokenizer, output_dir, held_out=0):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Model: full, LoRA or QLoRA
+# 6. Model: full, LoRA or QLoRA
 # ----------------------------------------------------------------------------------------------------------
 
 def compute_dtype(training_args):
@@ -3579,7 +3666,7 @@ def log_trainable_parameters(model):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Training: the Hugging Face Trainer, with a loss that skips masked positions, throughput logs, one save
+# 7. Training: the Hugging Face Trainer, with a loss that skips masked positions, throughput logs, one save
 # ----------------------------------------------------------------------------------------------------------
 
 class CausalLMLoss:
@@ -3753,7 +3840,7 @@ class StopOnRequest(transformers.TrainerCallback):
         elif save_now:
             control.should_save = self._should_save(state)
         if self.answered and control.should_save:
-            log.info(f"{' and '.join(self.answered)} in {args.output_dir}: writing checkpoint-{state.global_step}")
+            log.info(f"{' and '.join(self.answered)} in {args.output_dir}: writing {os.path.basename(checkpoint_folder(args.output_dir, state.global_step))}")
         elif self.answered and (stop_now or state.global_step == self.saved_step):  # nothing (more) to write
             self._remove_answered(args)
         else:
@@ -3990,20 +4077,21 @@ class WriteModelCard(transformers.TrainerCallback):
         self.facts = facts
 
     def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        folder = checkpoint_folder(args.output_dir, state.global_step)
         if args.should_save and os.path.isdir(folder):
             model_card(self.facts, state, final=False).save(os.path.join(folder, MODEL_CARD))
 
 
-def run_facts(model_args, data_args, training_args, lora_args, model, encoder, train_dataset, eval_dataset):
+def run_facts(run, model, encoder, train_dataset, eval_dataset):
     """What a model card says about how the model was made, gathered once at the start (rank 0 only: it hashes
     the sources, which that rank has read already)."""
+    model_args, data_args, training_args, lora_args = run.model_args, run.data_args, run.training_args, run.lora_args
     config = getattr(model, "get_base_model", lambda: model)().config
     peft_config = next(iter(model.peft_config.values())) if hasattr(model, "peft_config") else None
     sources = [{"spec": source.spec, "sha256": data_fingerprint(source.parts),
                 "dataset": source.parts[0][len(HUB_PREFIX):].partition(":")[0]
                 if source.parts[0].startswith(HUB_PREFIX) else None}
-               for source in parse_sources(data_args.data_path)]
+               for source in run.sources]
     packages = ["torch", "transformers", "accelerate", "peft", "bitsandbytes", "deepspeed", "datasets"]
     return {
         "base_model": model_args.model_name_or_path,
@@ -4139,11 +4227,19 @@ class SeededLengthGroupedSampler(transformers.trainer_pt_utils.LengthGroupedSamp
 
 class FinetuneTrainer(transformers.Trainer):
     """The Hugging Face Trainer, plus: the chunked loss, length grouping from the dataset's own lengths,
-    tokens/s per device in the logs, and one save for checkpoints and the final result."""
+    tokens/s per device in the logs, and one save for checkpoints and the final result.
+
+    Besides its documented hooks (compute_loss_func, loss_is_scaled_for_ga, compute_loss, training_step, log,
+    save_model, train), it relies on this private surface of transformers' Trainer, which an upgrade may rename
+    without notice; tests/test_trainer_surface.py checks that each still exists and is still called:
+      _get_grad_norm               the step's gradient norm, for StopOnDivergence (lost: a diverging gradient
+                                   would go unnoticed)
+      _get_num_items_in_batch      the step's trained tokens on every rank, under sequence parallelism
+      _get_train_sampler           --group_by_length from the dataset's own lengths, reproducible per epoch
+      transformers.trainer.skip_first_batches   replaced while resuming under sequence parallelism
+                                   (resumable_sequence_parallel_loader)"""
 
     def __init__(self, model, args, **kwargs):
-        if hasattr(model, "peft_config") and args.ddp_find_unused_parameters is None:
-            args.ddp_find_unused_parameters = False  # DDP: the frozen base has no gradients, by design
         super().__init__(model=model, args=args, **kwargs)
         config = model.config
         if config is not config.get_text_config() and "use_cache" in vars(config):
@@ -4264,9 +4360,9 @@ class FinetuneTrainer(transformers.Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+        if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, TrainingData):
             return SeededLengthGroupedSampler(run_shape(self.args)["global_batch"], dataset=dataset,
-                                              lengths=list(dataset.lengths), seed=self.args.data_seed or self.args.seed,
+                                              lengths=list(dataset.group_lengths), seed=self.args.data_seed or self.args.seed,
                                               epoch_of=lambda: int(self.state.epoch or 0))
         return super()._get_train_sampler(train_dataset)
 
@@ -4306,113 +4402,188 @@ def save_base_config_changes(config, output_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. main
+# 8. main
 # ----------------------------------------------------------------------------------------------------------
 
+@dataclass
+class Run:
+    """A run as decided before anything is loaded: the flags as parsed (never changed afterwards: where a resume
+    needs other values, decide_start makes adjusted copies), the sources resolved once, and where training starts."""
+
+    model_args: ModelArguments
+    data_args: DataArguments
+    training_args: TrainingArguments
+    lora_args: LoraArguments
+    sources: list  # of --data_path, resolved (resolve_sources)
+    eval_sources: Optional[list] = None  # of --eval_data_path
+    fingerprint: Optional[str] = None  # what the data is, recorded in every checkpoint (sources_fingerprint)
+    resume_from: Optional[str] = None  # the checkpoint this run continues
+
+
+@dataclass
+class Watch:
+    """What watches a training run from outside the Trainer's own loop, and what the end of the run reads from it."""
+
+    stop_on_request: "StopOnRequest"
+    early_stopper: Optional[transformers.EarlyStoppingCallback]
+    facts: Optional[dict]  # the model card's (run_facts), on the process that writes files
+
+
 def train(argv=None):
+    """The run as a recipe: prepare it, build what it trains, train, finish. --preprocess_only stops after the data."""
+    run = prepare(argv)
+    if run.data_args.preprocess_only:
+        return preview_data(run)
+    run = decide_start(run)
+    tokenizer, encoder = load_encoder(run)
+    check_model_against_flags(run)
+    train_dataset, eval_dataset = build_datasets(run, encoder)
+    trainer, watch = build_trainer(run, tokenizer, encoder, train_dataset, eval_dataset)
+    fit(trainer, run, watch)
+    finish(trainer, run, watch)
+
+
+def prepare(argv):
+    """The flags parsed and checked, the output folder claimed, the data sources resolved: before anything slow."""
     model_args, data_args, training_args, lora_args = parse_arguments(argv)
     agreed_by_all_ranks(claim_output_dir, training_args.output_dir, model_args.model_name_or_path)
-    fingerprint = None if data_args.preprocess_only else agreed_by_all_ranks(
-        sources_fingerprint, data_args, training_args)
-    resume_from, weights_from = (None, None) if data_args.preprocess_only else agreed_by_all_ranks(
-        resolve_resume_checkpoint, training_args, model_args, lora_args, fingerprint)
+    sources = agreed_by_all_ranks(resolve_sources, data_args.data_path)
+    eval_sources = agreed_by_all_ranks(resolve_sources, data_args.eval_data_path) if data_args.eval_data_path else None
+    return Run(model_args, data_args, training_args, lora_args, sources, eval_sources)
+
+
+def preview_data(run):
+    """--preprocess_only: the training data exactly as it would be trained, without loading the model."""
+    tokenizer, encoder = load_encoder(run)
+    train_dataset, eval_dataset = build_datasets(run, encoder)
+    # The held-out samples of --val_size are not shown as trained (the same split as training).
+    held_out = len(eval_dataset) if run.data_args.val_size else 0
+    preview(train_dataset, tokenizer, run.training_args.output_dir, held_out=held_out)
+
+
+def decide_start(run):
+    """Where training starts: afresh, from a checkpoint (on however many processes this run has), or from a
+    checkpoint's weights on new data (--resume_on_new_data). The flags that this changes are changed in copies."""
+    fingerprint = agreed_by_all_ranks(sources_fingerprint, run.sources, run.data_args, run.training_args)
+    resume_from, weights_from = agreed_by_all_ranks(
+        resolve_resume_checkpoint, run.training_args, run.model_args, run.lora_args, fingerprint)
+    model_args, lora_args, training_args = run.model_args, run.lora_args, run.training_args
     if weights_from:
-        start_from_weights_of(weights_from, model_args, lora_args)
+        model_args, lora_args = start_from_weights_of(weights_from, model_args, lora_args)
     if resume_from:
         training_args = fit_run_to_checkpoint(training_args, resume_from)
+    return dataclasses.replace(run, model_args=model_args, lora_args=lora_args, training_args=training_args,
+                               fingerprint=fingerprint, resume_from=resume_from)
 
-    tokenizer = load_tokenizer(model_args, training_args)
-    if not data_args.preprocess_only:
-        model_config = check_model_files(model_args)
-        setup_sequence_parallelism(training_args, model_args.attn_implementation, model_config)
-        check_packing(model_config, model_args.attn_implementation, training_args.packing)
-        check_moe_flags(model_config, model_args, training_args, lora_args)
-        check_lora_targets(model_config, lora_args)
-    encoder = ChatEncoder(tokenizer, training_args.model_max_length, data_args.system_message,
-                          data_args.template, data_args.chat_template_kwargs, data_args.mask_history)
-    if data_args.preprocess_only:
-        dataset, held_out = make_dataset(data_args.data_path, encoder, data_args, training_args.seed, lazy=False), []
-        if data_args.val_size:  # the same split as training, so that held-out samples are not shown as trained
-            dataset, held_out = split_off_validation(dataset, data_args.val_size, training_args.seed)
-        preview(dataset, tokenizer, training_args.output_dir, held_out=len(held_out))
-        return
-    train_dataset = make_dataset(data_args.data_path, encoder, data_args, training_args.seed)
-    eval_dataset = None
-    if data_args.eval_data_path:
-        eval_dataset = make_dataset(data_args.eval_data_path, encoder, data_args, training_args.seed)
-    elif data_args.val_size:
-        train_dataset, eval_dataset = split_off_validation(train_dataset, data_args.val_size, training_args.seed)
 
-    transformers.set_seed(training_args.seed)  # before the adapter's random init, so that --seed repeats a run
-    model = load_model(model_args, training_args, lora_args)
-    trainer = FinetuneTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=make_collator(tokenizer, training_args.packing, training_args.sequence_parallel_size),
-        processing_class=tokenizer,
-    )
-    stop_on_request = StopOnRequest(trainer.divergence)
-    trainer.add_callback(stop_on_request)
-    trainer.add_callback(RecordTrainingData(fingerprint, run_shape(training_args)))
-    facts = run_facts(model_args, data_args, training_args, lora_args, model, encoder, train_dataset, eval_dataset) \
-        if training_args.should_save else None
+def load_encoder(run):
+    """The tokenizer, and the ChatEncoder that renders and labels samples with it as the flags say."""
+    tokenizer = load_tokenizer(run.model_args, run.training_args)
+    data_args = run.data_args
+    return tokenizer, ChatEncoder(tokenizer, run.training_args.model_max_length, data_args.system_message,
+                                  data_args.template, data_args.chat_template_kwargs, data_args.mask_history)
+
+
+def check_model_against_flags(run):
+    """What the flags ask of the model, checked on its files and config before the data is tokenized and the
+    weights load."""
+    model_config = check_model_files(run.model_args)
+    attention = run.model_args.attn_implementation
+    check_sequence_parallel_model(run.training_args, model_config)
+    check_packing(model_config, attention, run.training_args.packing)
+    check_moe_flags(model_config, run.model_args, run.training_args, run.lora_args)
+    check_lora_targets(model_config, run.lora_args)
+
+
+def build_datasets(run, encoder):
+    """(training data, evaluation data or None): --eval_data_path, or --val_size held out of the training data."""
+    seed = run.training_args.seed
+    train_dataset = make_dataset(run.sources, encoder, run.data_args, seed)
+    if run.eval_sources:
+        return train_dataset, make_dataset(run.eval_sources, encoder, run.data_args, seed)
+    if run.data_args.val_size:
+        return split_off_validation(train_dataset, run.data_args.val_size, seed)
+    return train_dataset, None
+
+
+def build_trainer(run, tokenizer, encoder, train_dataset, eval_dataset):
+    """The model, the Trainer around it, and the callbacks that watch the run."""
+    args = run.training_args
+    transformers.set_seed(args.seed)  # before the adapter's random init, so that --seed repeats a run
+    model = load_model(run.model_args, args, run.lora_args)
+    trainer = FinetuneTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                              data_collator=make_collator(tokenizer, args.packing, args.sequence_parallel_size),
+                              processing_class=tokenizer)
+    facts = run_facts(run, model, encoder, train_dataset, eval_dataset) if args.should_save else None
+    watch = Watch(StopOnRequest(trainer.divergence),
+                  early_stopping(args, run.resume_from) if args.early_stopping_patience else None, facts)
+    trainer.add_callback(watch.stop_on_request)
+    trainer.add_callback(RecordTrainingData(run.fingerprint, run_shape(args)))
     trainer.add_callback(WriteModelCard(facts))
-    if training_args.eval_generations:
-        trainer.add_callback(EvalGenerations(generation_prompts(eval_dataset, training_args.eval_generations),
-                                             tokenizer, training_args.eval_max_new_tokens,
-                                             trainer.callback_handler.callbacks))
-    early_stopper = early_stopping(training_args, resume_from) if training_args.early_stopping_patience else None
-    if early_stopper:
-        trainer.add_callback(early_stopper)
-    if resume_from:
-        log.info(f"resuming from {resume_from}")
-    elif training_args.overwrite_output_dir:
-        remove_checkpoints(training_args.output_dir)
-    trainer.train(resume_from_checkpoint=resume_from)
-    if stop_on_request.stopped_at_step is not None:
-        report_stop(stop_on_request, training_args)
+    if args.eval_generations:
+        trainer.add_callback(EvalGenerations(generation_prompts(eval_dataset, args.eval_generations), tokenizer,
+                                             args.eval_max_new_tokens, trainer.callback_handler.callbacks))
+    if watch.early_stopper:
+        trainer.add_callback(watch.early_stopper)
+    return trainer, watch
+
+
+def fit(trainer, run, watch):
+    """Train, from the checkpoint decided or afresh; a stop on request or a signal exits here, a divergence or
+    weights that are not finite end the run without saving them."""
+    args = trainer.args
+    if run.resume_from:
+        log.info(f"resuming from {run.resume_from}")
+    elif args.overwrite_output_dir:
+        remove_checkpoints(args.output_dir)
+    trainer.train(resume_from_checkpoint=run.resume_from)
+    if watch.stop_on_request.stopped_at_step is not None:
+        report_stop(watch.stop_on_request, args)
     if trainer.divergence.stopped:
-        newest = newest_complete_checkpoint(training_args.output_dir) if is_main_process() else None
+        newest = agreed_by_all_ranks(newest_complete_checkpoint, args.output_dir)  # every rank stopped
         raise RunFailed(f"training diverged: the loss or gradient norm was not finite in {trainer.divergence.in_a_row} "
                         f"steps in a row from step {trainer.divergence.first_bad_step} on, so the result was not "
                         f"saved (newest good checkpoint: {newest or 'none'}); lower --learning_rate, prefer --bf16 "
                         "to --fp16, or look at the data of those steps")
-    if not weights_are_finite(trainer.model, training_args.device):
+    if not weights_are_finite(trainer.model, args.device):
         raise RunFailed("the trained weights are not finite, so the result was not saved; lower --learning_rate or "
                         "prefer --bf16 to --fp16")
-    if eval_dataset is not None and training_args.eval_strategy == "no":
-        # Eval data without an eval schedule: evaluate once, at the end.
-        trainer.log_metrics("eval", trainer.evaluate())
-    report_best_checkpoint(trainer.state, training_args, early_stopper)
+
+
+def finish(trainer, run, watch):
+    """After the last step: a last evaluation where none was scheduled, the best checkpoint named, the result and
+    the tokenizer saved (every rank takes part), then its model card and training curves."""
+    args = trainer.args
+    if trainer.eval_dataset is not None and args.eval_strategy == "no":
+        trainer.log_metrics("eval", trainer.evaluate())  # eval data without an eval schedule: once, at the end
+    report_best_checkpoint(trainer.state, args, watch.early_stopper)
     trainer.save_state()
-    kind = "LoRA adapter" if lora_args.use_lora else "model"
-    with announced(f"saving the {kind} and the tokenizer to {training_args.output_dir}"):
-        trainer.save_model(training_args.output_dir)  # every rank: ZeRO-3 gathers across them
-    if trainer.args.should_save:
-        model_card(facts, trainer.state).save(os.path.join(training_args.output_dir, MODEL_CARD))
-        curves = os.path.join(training_args.output_dir, "training_curves.png")
+    kind = "LoRA adapter" if run.lora_args.use_lora else "model"
+    with announced(f"saving the {kind} and the tokenizer to {args.output_dir}"):
+        trainer.save_model(args.output_dir)  # every rank: ZeRO-3 gathers across them
+    if args.should_save:
+        card = os.path.join(args.output_dir, MODEL_CARD)
+        model_card(watch.facts, trainer.state).save(card)
+        curves = os.path.join(args.output_dir, "training_curves.png")
         plot_training_curves(trainer.state.log_history, curves)
-        log.info(f"model card: {os.path.join(training_args.output_dir, MODEL_CARD)}; loss and learning-rate curves: "
-                 f"{curves}")
-    if stop_on_request.signal_name:  # it came after the last step: the result was saved first
-        log.warning(f"{stop_on_request.signal_name} received during the final save, which was completed")
-        exit_after_signal(getattr(signal, stop_on_request.signal_name))
+        log.info(f"model card: {card}; loss and learning-rate curves: {curves}")
+    if watch.stop_on_request.signal_name:  # it came after the last step: the result was saved first
+        log.warning(f"{watch.stop_on_request.signal_name} received during the final save, which was completed")
+        exit_after_signal(getattr(signal, watch.stop_on_request.signal_name))
 
 
 def report_stop(stop_on_request, training_args):
     """One line on what a signal or STOP_NOW left behind, then exit: 0 after STOP_NOW, 128 + the signal after a
     signal (or what the launcher asks for)."""
     step, why = stop_on_request.stopped_at_step, stop_on_request.stop_reason
-    checkpoint = os.path.join(training_args.output_dir, f"checkpoint-{step}")
+    checkpoint = checkpoint_folder(training_args.output_dir, step)
     if not is_main_process():
         pass
     elif step == 0:
         log.warning(f"stopped by {why} before the first optimizer step; nothing to save")
     elif training_args.save_only_model:
-        log.warning(f"stopped by {why} at step {step}; checkpoint-{step} holds the weights only (--save_only_model), "
-                    f"so a rerun starts afresh; they are in {checkpoint}")
+        log.warning(f"stopped by {why} at step {step}; {os.path.basename(checkpoint)} holds the weights only "
+                    f"(--save_only_model), so a rerun starts afresh; they are in {checkpoint}")
     elif checkpoint_problem(checkpoint, step) is not None:
         log.warning(f"stopped by {why} at step {step}, which went wrong: nothing saved; a rerun resumes from the "
                     "newest good checkpoint")
@@ -4434,22 +4605,21 @@ def exit_after_signal(signum):
 
 
 def start_from_weights_of(checkpoint, model_args, lora_args):
-    """--resume_on_new_data: the checkpoint's adapter or model, with a fresh optimizer, schedule and epoch count."""
+    """--resume_on_new_data: (model_args, lora_args) copies that start from the checkpoint's adapter or model, with a
+    fresh optimizer, schedule and epoch count."""
     log.warning(f"{checkpoint} was trained on other data: starting from its weights on the new data "
                 "(--resume_on_new_data), with a fresh optimizer, schedule and epoch count")
     if lora_args.use_lora:
-        lora_args.lora_weight_path = checkpoint
-    else:
-        model_args.model_name_or_path = checkpoint
+        return model_args, dataclasses.replace(lora_args, lora_weight_path=checkpoint)
+    return dataclasses.replace(model_args, model_name_or_path=checkpoint), lora_args
 
 
 def remove_checkpoints(output_dir):
     """--overwrite_output_dir: old checkpoints would otherwise be resumed from, or rotated in, later."""
-    if is_main_process() and os.path.isdir(output_dir):
-        for name in os.listdir(output_dir):
-            if name.startswith("checkpoint-"):
-                shutil.rmtree(os.path.join(output_dir, name))
-                log.info(f"--overwrite_output_dir: removed {name}")
+    if is_main_process():
+        for step in checkpoint_steps(output_dir):
+            shutil.rmtree(checkpoint_folder(output_dir, step))
+            log.info(f"--overwrite_output_dir: removed {os.path.basename(checkpoint_folder(output_dir, step))}")
 
 
 def stop_before_training(signum, frame):
@@ -4472,9 +4642,8 @@ def main(argv=None):
         signal.signal(sig, stop_before_training)
     try:
         train(argv)
-    except RunFailed as e:
-        if is_main_process():
-            print(f"error: {e}", file=sys.stderr)
+    except RunFailed as e:  # the run went wrong (not the user's flags or data): exit 1
+        report_error(e)
         sys.exit(1)
     except UserError as e:
         report_error(e)

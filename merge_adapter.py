@@ -16,7 +16,7 @@ import time
 import torch
 import transformers
 
-from finetune import model_class
+from finetune import BASE_CONFIG_CHANGES, first_line, model_class
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -57,8 +57,8 @@ def load_base_of(adapter_dir, base=None, dtype=torch.float32, trust_remote_code=
     try:
         config = transformers.AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise MergeError(f"base model {base}: cannot load its config ({str(e).strip().splitlines()[0]})") from None
-    changes_path = os.path.join(adapter_dir, "base_config_changes.json")  # finetune.py --rope_scaling
+        raise MergeError(f"base model {base}: cannot load its config ({first_line(e)})") from None
+    changes_path = os.path.join(adapter_dir, BASE_CONFIG_CHANGES)  # finetune.py --rope_scaling
     if os.path.isfile(changes_path):
         with open(changes_path) as f:
             for key, value in json.load(f).items():
@@ -67,7 +67,7 @@ def load_base_of(adapter_dir, base=None, dtype=torch.float32, trust_remote_code=
         model = model_class(config).from_pretrained(base, config=config, dtype=dtype,
                                                     trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise MergeError(f"base model {base}: cannot load it ({str(e).strip().splitlines()[0]})") from None
+        raise MergeError(f"base model {base}: cannot load it ({first_line(e)})") from None
     return model, base
 
 

@@ -44,7 +44,7 @@ def test_two_workers_give_exactly_what_one_gives_in_order(tokenizer, big_file):
     encoder = make_encoder(tokenizer, model_max_length=128)  # every tenth sample loses its trained tokens: dropped
     one = finetune.SupervisedDataset(big_file, encoder, num_workers=1)
     two = finetune.SupervisedDataset(big_file, encoder, num_workers=2)
-    assert len(finetune.split_into_line_runs(big_file, 2)) == 2
+    assert len(finetune.split_into_line_runs(big_file, "jsonl", 2)) == 2
     assert_same(one, two)
     assert one.dropped > 0 and len(one) + one.dropped == len(SAMPLES)
     kept = [i for i in range(len(SAMPLES)) if i % 10]
@@ -177,7 +177,7 @@ def test_the_lazy_length_estimate_is_on_the_scale_of_tokens(tokenizer, tmp_path)
     path = write_jsonl(tmp_path / "d.jsonl", samples)
     encoder = make_encoder(tokenizer, model_max_length=4096)
     lazy, eager = finetune.LazySupervisedDataset(path, encoder), finetune.SupervisedDataset(path, encoder)
-    for estimate, tokens in zip(lazy.lengths, eager.lengths):
+    for estimate, tokens in zip(lazy.group_lengths, eager.group_lengths):
         assert tokens / 2 <= estimate <= tokens * 2, (estimate, tokens)
 
 
@@ -376,7 +376,7 @@ from tiny_qwen import qwen_tokenizer_dir
 signal.signal(signal.SIGTERM, finetune.stop_before_training)
 tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
 encoder = finetune.ChatEncoder(tokenizer, 128, None, "chatml")
-finetune.build_tokenized({path!r}, encoder, {folder!r}, 2, 50)
+finetune.build_tokenized({path!r}, "jsonl", encoder, {folder!r}, 2, 50)
 print("BUILT", flush=True)
 """
 

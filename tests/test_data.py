@@ -127,7 +127,7 @@ def test_truncation_keeps_the_first_tokens_and_drops_samples_left_without_traine
 def test_every_sample_dropped_is_an_error(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", long_prompt_samples()[1:2])
     with pytest.raises(finetune.DataError, match="every sample was dropped"):
-        finetune.make_dataset(path, make_encoder(tokenizer, model_max_length=32),
+        finetune.make_dataset(finetune.resolve_sources(path), make_encoder(tokenizer, model_max_length=32),
                               finetune.DataArguments(data_path=path, data_cache_dir="none"))
 
 
@@ -290,8 +290,44 @@ def test_the_preview_holds_out_the_validation_samples_training_holds_out(tokeniz
     printed = capsys.readouterr().out
     assert "3 samples are held out for evaluation (--val_size)" in printed and "samples kept: 7" in printed
     dumped = [json.loads(line)["input_ids"] for line in open(out / "tokenized_train.jsonl")]
-    dataset = finetune.make_dataset([path], make_encoder(tokenizer), finetune.DataArguments(data_path=path,
+    dataset = finetune.make_dataset(finetune.resolve_sources([path]), make_encoder(tokenizer), finetune.DataArguments(data_path=path,
                                                                                             data_cache_dir="none"))
     train, held_out = finetune.split_off_validation(dataset, 0.3, seed=7)
     assert dumped == [train[i]["input_ids"] for i in range(len(train))]  # what training trains, none held out
     assert not set(map(tuple, dumped)) & {tuple(held_out[i]["input_ids"]) for i in range(len(held_out))}
+
+
+@pytest.mark.parametrize("val_size", ["0", "0.3"])
+def test_the_preview_of_a_lazy_dataset_is_the_preview_of_the_eager_one(tokenizer, tmp_path, capsys, monkeypatch,
+                                                                       val_size):
+    """Preview reads a dataset only through the dataset protocol, so --lazy_preprocess shows the same report, length
+    histogram, first sample and dump."""
+    samples = [GOOD] + long_prompt_samples() + [
+        {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+        for i in range(6)]
+    path = write_jsonl(tmp_path / "d.jsonl", samples)
+    printed, dumped = {}, {}
+    for lazy in ("false", "true"):
+        out = tmp_path / f"out-{lazy}"
+        if lazy == "true":  # the preview must read the lazy dataset itself
+            monkeypatch.setattr(finetune, "SupervisedDataset", lambda *a, **k: pytest.fail("tokenized up front"))
+        try:
+            finetune.train(["--model_name_or_path", qwen_tokenizer_dir(), "--data_path", path, "--output_dir", str(out),
+                            "--preprocess_only", "true", "--lazy_preprocess", lazy, "--model_max_length", "32",
+                            "--val_size", val_size, "--template", "chatml", "--system_message", "",
+                            "--data_cache_dir", "none"])
+        finally:
+            finetune.release_output_dir()
+        printed[lazy] = capsys.readouterr().out.replace(str(out), "OUT")
+        dumped[lazy] = open(out / "tokenized_train.jsonl").read()
+    assert printed["true"] == printed["false"] and dumped["true"] == dumped["false"]
+    kept = 9 - (3 if val_size == "0.3" else 0)  # 10 read, 1 dropped, 3 of 9 held out
+    assert f"samples kept: {kept}" in printed["true"] and "samples dropped: 1" in printed["true"]
+    assert "<- cut to model_max_length" in printed["true"] and len(dumped["true"].splitlines()) == kept
+    encoder = make_encoder(tokenizer, model_max_length=32, system_message="")
+    monkeypatch.undo()
+    lazy = finetune.LazySupervisedDataset(path, encoder)
+    eager = finetune.SupervisedDataset(path, encoder)
+    assert finetune.describe_dataset(lazy) == finetune.describe_dataset(eager)
+    assert list(lazy.full_lengths) == list(eager.full_lengths) and list(lazy.token_counts()) == list(eager.token_counts())
+    assert [lazy.example(i)["labels"].tolist() for i in range(len(lazy))] == [eager[i]["labels"] for i in range(9)]

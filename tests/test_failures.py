@@ -102,7 +102,7 @@ def test_empty_assistant_messages_are_counted_in_the_report(tokenizer, tmp_path,
     path = write_jsonl(tmp_path / "e.jsonl", [GOOD, empty, empty])
     for lazy in (False, True):
         with caplog.at_level(logging.WARNING, logger="finetune"):
-            dataset = finetune.make_dataset(path, make_encoder(tokenizer), finetune.DataArguments(
+            dataset = finetune.make_dataset(finetune.resolve_sources(path), make_encoder(tokenizer), finetune.DataArguments(
                 data_path=path, lazy_preprocess=lazy, data_cache_dir=str(tmp_path / "cache")))
         assert dataset.empty_assistant == 2 and len(dataset) == 3
         assert f"{path}: 2 sample(s) with an empty assistant message" in caplog.text

@@ -174,7 +174,7 @@ def test_dataset_info_entries_train_as_llama_factory_renders_them(tokenizer, tmp
     encoder = make_encoder(tokenizer, template="auto", system_message=None)
     args = finetune.DataArguments(data_path="unused", data_cache_dir=str(tmp_path / "cache"))
     info = llama_factory / "dataset_info.json"
-    dataset = finetune.make_dataset([f"{info}:qa#1", f"{llama_factory}:plain", f"{info}:dialogs"], encoder, args)
+    dataset = finetune.make_dataset(finetune.resolve_sources([f"{info}:qa#1", f"{llama_factory}:plain", f"{info}:dialogs"]), encoder, args)
     examples = [dataset[i] for i in range(len(dataset))]
     assert len(examples) == 1 + 3 + 1  # #1 of qa; num_samples 3 of plain (its one sample three times); dialogs
     # The alpaca entry through its columns: the 'system' key the entry does not name is left out, as LLaMA-Factory does.

@@ -113,7 +113,7 @@ def test_val_size_holds_out_the_same_samples_for_the_same_seed(tokenizer, tmp_pa
     train, held_out = finetune.split_off_validation(dataset, 0.25, seed=3)
     assert (len(train), len(held_out)) == (6, 2) and not set(train.indices) & set(held_out.indices)
     assert finetune.split_off_validation(dataset, 0.25, seed=3)[1].indices == held_out.indices
-    assert train.lengths == [dataset.lengths[i] for i in train.indices]
+    assert list(train.group_lengths) == [dataset.group_lengths[i] for i in train.indices]
     with pytest.raises(finetune.UserError, match="leaves no training or no validation sample"):
         finetune.split_off_validation(dataset, 8, seed=3)
 
@@ -158,3 +158,38 @@ def test_length_histogram_shows_what_truncation_cuts():
     assert lines[0].endswith("--model_max_length 256:")
     assert lines[1].split()[0] == "1-64" and lines[1].split()[-1] == "2"
     assert lines[-1].split()[:2] == [">", "256"] and lines[-1].endswith("2  <- cut to model_max_length")
+
+
+def test_resuming_on_new_data_starts_from_copies_and_leaves_the_parsed_flags_as_given():
+    model_args, lora_args = finetune.ModelArguments(model_name_or_path="base"), finetune.LoraArguments(use_lora=True)
+    adapted_model_args, adapted_lora_args = finetune.start_from_weights_of("old/checkpoint-4", model_args, lora_args)
+    assert adapted_lora_args.lora_weight_path == "old/checkpoint-4" and adapted_model_args is model_args
+    assert lora_args.lora_weight_path is None
+    full = finetune.LoraArguments()
+    adapted_model_args, adapted_lora_args = finetune.start_from_weights_of("old/checkpoint-4", model_args, full)
+    assert adapted_model_args.model_name_or_path == "old/checkpoint-4" and adapted_lora_args is full
+    assert model_args.model_name_or_path == "base"
+
+
+@pytest.mark.parametrize("error, code", [(finetune.UserError("--flag: bad"), 2), (finetune.RunFailed("diverged"), 1)])
+def test_every_error_is_one_line_from_rank_0_and_each_other_nodes_first_process(monkeypatch, capsys, error, code):
+    import signal
+
+    def fail(argv):
+        raise error
+
+    monkeypatch.setattr(finetune, "train", fail)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    printed = {}
+    try:
+        for rank, local_rank in (("0", "0"), ("1", "1"), ("2", "0")):  # two nodes of two processes
+            monkeypatch.setenv("RANK", rank)
+            monkeypatch.setenv("LOCAL_RANK", local_rank)
+            with pytest.raises(SystemExit) as exit:
+                finetune.main([])
+            assert exit.value.code == code
+            printed[rank] = capsys.readouterr().err
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert printed == {"0": f"error: {error}\n", "1": "", "2": f"error (rank 2): {error}\n"}

@@ -230,18 +230,23 @@ def tiny_config(heads=4, kv_heads=2):
 ], ids=["no-deepspeed", "world", "eager", "heads", "kv-heads", "packing", "linear-attention"])
 def test_what_cannot_be_split_is_refused_in_one_line(overrides, attention, config, message):
     with pytest.raises(UserError, match=message) as error:
-        finetune.setup_sequence_parallelism(sp_arguments(**overrides), attention, config)
+        args = sp_arguments(**overrides)
+        finetune.check_sequence_parallelism(args, attention)  # at start-up, from the flags
+        finetune.check_sequence_parallel_model(args, config)  # once the model's config is read
     assert "\n" not in str(error.value)
 
 
 def test_a_possible_split_configures_the_trainer_for_deepspeed_ulysses():
     args = sp_arguments(world_size=4)
-    finetune.setup_sequence_parallelism(args, None, tiny_config())
+    finetune.check_sequence_parallelism(args, None)
+    finetune.check_sequence_parallel_model(args, tiny_config())
+    finetune.settle_distributed_settings(args, SimpleNamespace(use_lora=False), None)
     config = args.parallelism_config
     assert (config.sp_backend, config.sp_size, config.dp_shard_size) == ("deepspeed", 2, 2)
     assert config.sp_handler.sp_attn_implementation == "sdpa" and config.sp_handler.sp_seq_length_is_variable
     untouched = sp_arguments(sequence_parallel_size=1, deepspeed=None)
-    finetune.setup_sequence_parallelism(untouched, "eager", tiny_config())
+    finetune.check_sequence_parallelism(untouched, "eager")
+    finetune.settle_distributed_settings(untouched, SimpleNamespace(use_lora=False), "eager")
     assert not hasattr(untouched, "parallelism_config")
 
 

@@ -62,7 +62,7 @@ def three_sources(tmp_path):
 def test_sources_mixed_by_count_and_fraction_are_exact_and_follow_the_seed(tokenizer, tmp_path, three_sources):
     samples, specs = three_sources
     encoder = make_encoder(tokenizer)
-    dataset = finetune.make_dataset(specs, encoder, data_args(tmp_path), seed=1)
+    dataset = finetune.make_dataset(finetune.resolve_sources(specs), encoder, data_args(tmp_path), seed=1)
     taken = collections.Counter(names_of(dataset, encoder, samples))
     assert len(dataset) == 25 + 4 + 6
     assert sorted(taken[f"A{i}"] for i in range(10)) == [2] * 5 + [3] * 5  # 25 of 10: every one twice, 5 again
@@ -71,13 +71,14 @@ def test_sources_mixed_by_count_and_fraction_are_exact_and_follow_the_seed(token
     assert dataset.reports[0] == f"{specs[0]}: 10 read, 10 kept, 0 dropped, 25 taken"
     assert dataset.reports[1] == f"{specs[1]}: 8 read, 8 kept, 0 dropped, 4 taken"
 
-    again = finetune.make_dataset(specs, encoder, data_args(tmp_path), seed=1)
+    again = finetune.make_dataset(finetune.resolve_sources(specs), encoder, data_args(tmp_path), seed=1)
     assert names_of(again, encoder, samples) == names_of(dataset, encoder, samples)  # every rank, every start
-    others = [names_of(finetune.make_dataset(specs, encoder, data_args(tmp_path), seed=seed), encoder, samples)
+    others = [names_of(finetune.make_dataset(finetune.resolve_sources(specs), encoder, data_args(tmp_path), seed=seed), encoder, samples)
               for seed in (2, 3, 4)]
     assert any(other != names_of(dataset, encoder, samples) for other in others)
     def fingerprint(seed, **flags):  # what a checkpoint records: resume knows the mix and what cuts samples
-        return finetune.sources_fingerprint(finetune.DataArguments(data_path=specs, **flags),
+        return finetune.sources_fingerprint(finetune.resolve_sources(specs),
+                                            finetune.DataArguments(data_path=specs, **flags),
                                             training_args(tmp_path, seed=seed))
 
     assert fingerprint(1) == fingerprint(1) != fingerprint(2)
@@ -120,11 +121,11 @@ def test_a_dataset_id_loads_offline_from_the_local_cache_and_a_missing_one_is_on
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     encoder = make_encoder(tokenizer)
-    dataset = finetune.make_dataset(["acme/sea-chat:train"], encoder, data_args(tmp_path))
+    dataset = finetune.make_dataset(finetune.resolve_sources(["acme/sea-chat:train"]), encoder, data_args(tmp_path))
     expected = finetune.SupervisedDataset(write_jsonl(tmp_path / "h.jsonl", samples), encoder)
     assert [dataset[i] for i in range(len(dataset))] == [expected[i] for i in range(4)]
     with pytest.raises(finetune.DataError) as error:
-        finetune.make_dataset(["acme/not-here"], encoder, data_args(tmp_path))
+        finetune.make_dataset(finetune.resolve_sources(["acme/not-here"]), encoder, data_args(tmp_path))
     assert str(error.value).startswith("acme/not-here: cannot load this dataset: ")
     assert "offline, only a dataset already in the local datasets cache loads" in str(error.value)
     assert "\n" not in str(error.value)
@@ -136,13 +137,13 @@ def test_bad_rows_and_empty_sources_are_one_line_errors(tokenizer, tmp_path):
     table = write_parquet(tmp_path / "tools.parquet", rows)
     for workers in (1, 2):
         with pytest.raises(finetune.DataError, match=r"^.*tools.parquet row 2: message 1 has no 'content'"):
-            finetune.make_dataset([table], make_encoder(tokenizer), data_args(tmp_path,
+            finetune.make_dataset(finetune.resolve_sources([table]), make_encoder(tokenizer), data_args(tmp_path,
                                                                               preprocessing_num_workers=workers))
     with pytest.raises(finetune.DataError, match="nothing-here-\\*.jsonl: matches no file"):
-        finetune.make_dataset([str(tmp_path / "nothing-here-*.jsonl")], make_encoder(tokenizer), data_args(tmp_path))
+        finetune.make_dataset(finetune.resolve_sources([str(tmp_path / "nothing-here-*.jsonl")]), make_encoder(tokenizer), data_args(tmp_path))
     os.makedirs(tmp_path / "empty")
     with pytest.raises(finetune.DataError, match="empty: a folder without .json, .jsonl or .parquet files"):
-        finetune.make_dataset([str(tmp_path / "empty")], make_encoder(tokenizer), data_args(tmp_path))
+        finetune.make_dataset(finetune.resolve_sources([str(tmp_path / "empty")]), make_encoder(tokenizer), data_args(tmp_path))
     with pytest.raises(finetune.UserError, match="the amount after '#' must be positive"):
         finetune.parse_sources([f"{table}#0"])
 
@@ -205,7 +206,7 @@ def test_a_glob_never_follows_a_link_loop_and_counts_each_real_file_once(tokeniz
     pattern = str(tmp_path / "data" / "**" / "*.jsonl")
     assert finetune.files_matching(pattern) == [str(tmp_path / "data" / "sub" / "a.jsonl")]
     with caplog.at_level(logging.INFO, logger="finetune"):
-        dataset = finetune.make_dataset([pattern], make_encoder(tokenizer), data_args(tmp_path))
+        dataset = finetune.make_dataset(finetune.resolve_sources([pattern]), make_encoder(tokenizer), data_args(tmp_path))
     assert len(dataset) == 3
     assert f"{pattern}: 3 read from 1 file(s), 3 kept" in caplog.text  # how many files the pattern matched
 
@@ -217,7 +218,7 @@ def test_amounts_that_cannot_be_taken_are_one_line(tokenizer, tmp_path):
         finetune.parse_sources([f"{path}#100000000000"])
     with pytest.raises(finetune.UserError, match=rf"--data_path {path}#0.01: that fraction of its 10 kept samples is "
                                                  "none; take a larger fraction or a count"):
-        finetune.make_dataset([f"{path}#0.01"], make_encoder(tokenizer), data_args(tmp_path))
+        finetune.make_dataset(finetune.resolve_sources([f"{path}#0.01"]), make_encoder(tokenizer), data_args(tmp_path))
     with pytest.raises(finetune.UserError, match=r"--seed must be in \[0, 2\^32\)"):
         finetune.parse_arguments(["--data_path", f"{path}#5", "--seed", "-1", "--output_dir", str(tmp_path)])
 
@@ -248,4 +249,31 @@ def test_every_name_of_one_file_counts_once_and_names_that_look_like_patterns_ar
 def test_a_fraction_above_one_is_bounded_like_a_count(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [conversation(f"A{i}") for i in range(10)])
     with pytest.raises(finetune.UserError, match=r"#50000000000000000.0: 500,000,000,000,000,000 samples would need"):
-        finetune.make_dataset([f"{path}#50000000000000000.0"], make_encoder(tokenizer), data_args(tmp_path))
+        finetune.make_dataset(finetune.resolve_sources([f"{path}#50000000000000000.0"]), make_encoder(tokenizer), data_args(tmp_path))
+
+
+def test_sources_are_resolved_once_with_each_files_format_and_trained_as_resolved(tokenizer, tmp_path, monkeypatch):
+    folder = tmp_path / "mix"
+    os.makedirs(folder)
+    samples = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+               for i in range(9)]
+    write_jsonl(folder / "a.jsonl", samples[:3])
+    from conftest import write_json
+
+    write_json(folder / "b.json", samples[3:6])
+    write_parquet(folder / "c.parquet", samples[6:])
+    [source] = finetune.resolve_sources([str(folder)])
+    assert [os.path.basename(p) for p in source.parts] == ["a.jsonl", "b.json", "c.parquet"]
+    assert source.formats == ["jsonl", "json", "parquet"]
+    # What resolution found is what is fingerprinted and trained: no second glob, no second format detection.
+    write_jsonl(folder / "d.jsonl", samples[:1])  # arrives after the run resolved its sources
+    monkeypatch.setattr(finetune, "detect_format", lambda path: pytest.fail(f"{path}: format detected again"))
+    encoder = make_encoder(tokenizer)
+    expected = [finetune.as_lists(encoder.encode([encoder.parse(sample, "x")])[0]) for sample in samples]
+    for lazy in (False, True):
+        dataset = finetune.make_dataset(finetune.resolve_sources([source]), encoder, data_args(tmp_path, lazy_preprocess=lazy))
+        assert [dataset[i] for i in range(len(dataset))] == expected
+    assert finetune.sources_fingerprint([source], finetune.DataArguments(data_path=[str(folder)]),
+                                        training_args(tmp_path)) != finetune.sources_fingerprint(
+        [finetune.Source(source.spec, source.parts[:2], formats=source.formats[:2])],
+        finetune.DataArguments(data_path=[str(folder)]), training_args(tmp_path))

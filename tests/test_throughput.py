@@ -166,5 +166,5 @@ def test_group_by_length_uses_the_datasets_own_lengths(tokenizer, tmp_path, tiny
     trainer = finetune.FinetuneTrainer(model=load(tiny_qwen2, tmp_path), args=args, train_dataset=dataset,
                                        data_collator=finetune.make_collator(tokenizer, False), processing_class=tokenizer)
     sampler = trainer._get_train_sampler()
-    assert sampler.lengths == list(dataset.lengths) and len(set(sampler.lengths)) == 3
+    assert sampler.lengths == list(dataset.group_lengths) and len(set(sampler.lengths)) == 3
     assert sorted(sampler) == list(range(12))

@@ -206,12 +206,12 @@ def test_the_model_card_names_a_hub_base_model_and_the_adapters_settings(tiny_qw
                               finetune.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True),
                               finetune.LoraArguments(use_lora=True, lora_r=4, lora_alpha=8))
     data_args = finetune.DataArguments(data_path=[DATA], chat_template_kwargs='{"preserve_thinking": true}')
-    facts = finetune.run_facts(finetune.ModelArguments(model_name_or_path="Qwen/Qwen3.6-27B"), data_args,
-                               finetune.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
-                                                          per_device_train_batch_size=2,
-                                                          gradient_accumulation_steps=8),
-                               finetune.LoraArguments(use_lora=True, lora_r=4, lora_alpha=8), model,
-                               make_encoder(tokenizer, template="auto"), [0] * 8, None)
+    run = finetune.Run(finetune.ModelArguments(model_name_or_path="Qwen/Qwen3.6-27B"), data_args,
+                       finetune.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                                                  per_device_train_batch_size=2, gradient_accumulation_steps=8),
+                       finetune.LoraArguments(use_lora=True, lora_r=4, lora_alpha=8),
+                       finetune.resolve_sources(data_args.data_path))
+    facts = finetune.run_facts(run, model, make_encoder(tokenizer, template="auto"), [0] * 8, None)
     state = transformers.TrainerState(global_step=3, epoch=1.5, log_history=[{"loss": 2.5, "step": 3}])
     path = str(tmp_path / "README.md")
     finetune.model_card(facts, state).save(path)
