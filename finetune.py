@@ -13,7 +13,8 @@ The file reads top to bottom in the order a run happens:
   1. arguments      ModelArguments, DataArguments, TrainingArguments, LoraArguments
   2. distributed    launchers, DDP, DeepSpeed ZeRO-3 and sequence parallelism (Ulysses): their special cases
                     live here as named helpers; what must stay in a Trainer method says `ZeRO-3:` or
-                    `Sequence parallelism:` where it is
+                    `Sequence parallelism:` where it is. The rank and world size are read here only, and so is
+                    which process speaks (progress of long waits, errors once per node)
   3. run folder     one run per --output_dir (a lock), checkpoints checked before they are trusted, the data
                     fingerprint and run shape each checkpoint records, and where a run resumes (also on another
                     number of processes)
@@ -69,11 +70,11 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch.utils.data import Dataset
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 # Workaround (bitsandbytes 0.50, imported with transformers' TrainingArguments below): it warns on every CPU
 # machine that an optional 4-bit kernel package is missing, which no user of this script needs to act on.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402 (imports bitsandbytes: after the above)
 
 IGNORE_INDEX = -100  # label value that the loss skips
 Span = tuple[int, int]  # [start, end) character offsets into a rendered text
@@ -91,6 +92,11 @@ class RunFailed(Exception):
 
 class DataError(UserError):
     """A data file that cannot be read as conversations; the message names the file and the sample."""
+
+
+def first_line(error):
+    """An exception's message as one line (its first), for the one-line errors; its type when it has none."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -691,7 +697,8 @@ def split_names(items):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. Distributed: torchrun / DDP, the deepspeed launcher, DeepSpeed ZeRO-2/3, sequence parallelism (Ulysses).
+# 2. Distributed: torchrun / DDP, the deepspeed launcher, DeepSpeed ZeRO-2/3, sequence parallelism (Ulysses),
+#    and which process speaks (rank, progress of long waits, one-line errors once per node).
 # ----------------------------------------------------------------------------------------------------------
 
 def is_main_process():
@@ -1554,7 +1561,8 @@ def resolve_resume_checkpoint(training_args, model_args=None, lora_args=None, fi
         return None, set_aside_checkpoints(training_args.output_dir, checkpoint, recorded)
     raise UserError(f"{checkpoint} was trained on other data than --data_path now holds, or with other "
                     "--model_max_length, --template, --system_message, --chat_template_kwargs, --mask_history, "
-                    f"--val_size or mix (content hash {recorded[:12]} then, {fingerprint[:12]} now); start afresh with --overwrite_output_dir true, "
+                    f"--val_size or mix (content hash {recorded[:12]} then, {fingerprint[:12]} now); start afresh "
+                    "with --overwrite_output_dir true, "
                     "or continue from its weights on the new data with --resume_on_new_data true")
 
 
@@ -2831,9 +2839,9 @@ def wait_for_cache_entry(path, encoder, cache_dir) -> Tokenized:
 
 
 def build_tokenized(path, kind, encoder, folder, num_workers, batch_size):
-    """Tokenize `path` (of format `kind`) into `folder` (TOKENIZED_ARRAYS as raw files, meta.json with their sizes and checksums last),
-    in up to `num_workers` processes that each take a contiguous run of lines (or rows); the result is the same for
-    any number of workers. Returns how many worked (a file under 1 MB is not split)."""
+    """Tokenize `path` (of format `kind`) into `folder` (TOKENIZED_ARRAYS as raw files, meta.json with their sizes
+    and checksums last), in up to `num_workers` processes that each take a contiguous run of lines (or rows); the
+    result is the same for any number of workers. Returns how many worked (a file under 1 MB is not split)."""
     parts = split_into_line_runs(path, kind, num_workers)
     progress = Progress(f"tokenizing {path}", total=count_samples(path, kind))
     try:
@@ -2905,8 +2913,8 @@ def tokenize_in_workers(path, kind, encoder, folder, parts, batch_size, progress
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         for k, part in enumerate(parts):
-            workers.append(context.Process(target=tokenizing_worker, args=(path, kind, encoder, folder, k, part, batch_size),
-                                           daemon=True))
+            workers.append(context.Process(target=tokenizing_worker, daemon=True,
+                                           args=(path, kind, encoder, folder, k, part, batch_size)))
             workers[-1].start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a signal that came meanwhile is handled now
@@ -3100,7 +3108,8 @@ def make_dataset(sources, encoder, data_args, seed=0):
         reports.append(report_source(source, datasets, len(chosen)))
     dataset = MixedDataset(parts, np.concatenate(part_of), np.concatenate(index_in_part), reports)
     if len(dataset) == 0:  # every source held samples: they were all dropped
-        raise DataError(f"{', '.join(source.spec for source in sources)}: every sample was dropped ({DROP_REASON_TRUNCATED}); raise "
+        specs = ", ".join(source.spec for source in sources)
+        raise DataError(f"{specs}: every sample was dropped ({DROP_REASON_TRUNCATED}); raise "
                         "--model_max_length")
     return dataset
 
@@ -3249,6 +3258,7 @@ def load_tokenizer(model_args, training_args):
     except OSError as e:  # a mistyped folder or hub id, or a hub that cannot be reached: the first load to notice
         raise UserError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load a tokenizer from it "
                         f"({first_line(e)})") from None
+    # The tokenizer carries --model_max_length from here on (the collator and the preview read it there).
     if tokenizer.pad_token is None:
         # Qwen's pad is <|endoftext|>; the attention mask, not the id, keeps pads out of attention.
         tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
@@ -3359,10 +3369,6 @@ def check_model_files(model_args):
     if problem := weights_problem(path):
         raise UserError(f"--model_name_or_path {path}: {problem}")
     return config
-
-
-def first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def load_model(model_args, training_args, lora_args):
@@ -3840,7 +3846,8 @@ class StopOnRequest(transformers.TrainerCallback):
         elif save_now:
             control.should_save = self._should_save(state)
         if self.answered and control.should_save:
-            log.info(f"{' and '.join(self.answered)} in {args.output_dir}: writing {os.path.basename(checkpoint_folder(args.output_dir, state.global_step))}")
+            checkpoint = os.path.basename(checkpoint_folder(args.output_dir, state.global_step))
+            log.info(f"{' and '.join(self.answered)} in {args.output_dir}: writing {checkpoint}")
         elif self.answered and (stop_now or state.global_step == self.saved_step):  # nothing (more) to write
             self._remove_answered(args)
         else:
@@ -4362,7 +4369,8 @@ class FinetuneTrainer(transformers.Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, TrainingData):
             return SeededLengthGroupedSampler(run_shape(self.args)["global_batch"], dataset=dataset,
-                                              lengths=list(dataset.group_lengths), seed=self.args.data_seed or self.args.seed,
+                                              lengths=list(dataset.group_lengths),
+                                              seed=self.args.data_seed or self.args.seed,
                                               epoch_of=lambda: int(self.state.epoch or 0))
         return super()._get_train_sampler(train_dataset)
 
