@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import transformers
-from conftest import CHILD_ENV, ROOT, make_encoder, write_jsonl
+from helpers import CHILD_ENV, ROOT, make_encoder, write_jsonl
 
 import finetune
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_encoder, write_json, write_jsonl
+from helpers import GOOD, make_encoder, write_json, write_jsonl
 from reference_labels import IGNORE, reference_ids_and_labels
 from tiny_qwen import qwen_tokenizer_dir
 
@@ -135,7 +135,6 @@ def test_every_sample_dropped_is_an_error(tokenizer, tmp_path):
 # Errors: each names the file, the line or sample, and the problem
 # ---------------------------------------------------------------------------------------------------------
 
-GOOD = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
 BAD_SAMPLES = {
     "unknown role": ({"messages": [{"role": "bot", "content": "a"}]}, "message 0 has unknown role 'bot'"),
     "missing content": ({"conversations": [{"from": "user"}]}, "message 0 has no 'content' (or 'value') field"),

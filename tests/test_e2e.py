@@ -10,46 +10,15 @@ import sys
 import pytest
 import torch
 import transformers
-from conftest import ROOT, log_history, run_cli, run_finetune, write_jsonl
-from fp32 import assert_changed_beyond_rounding, assert_fp32_close, backward_depth, forward_depth
+from fp32 import assert_changed_beyond_rounding, assert_fp32_close, forward_depth
+from helpers import (AGENT_DATA, DATA, LORA, PROMPT, SHORT_RUN, assert_adapter_changes_logits,
+                     assert_resumed_run_matches, assert_success, base_model, log_history, logits_of, run_cli,
+                     run_finetune, train_losses, write_jsonl)
 from reference_labels import IGNORE, reference_ids_and_labels, template_ids_and_labels, template_messages
 from safetensors.torch import load_file
-
 from tiny_qwen import qwen_tokenizer_dir
 
 pytestmark = pytest.mark.e2e
-
-DATA = os.path.join(ROOT, "examples", "data.jsonl")
-AGENT_DATA = os.path.join(ROOT, "examples", "data_agent.jsonl")  # reasoning, tools, tool calls
-SHORT_RUN = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--logging_steps", "1",
-             "--seed", "0"]
-LORA = ["--lora_r", "16", "--lora_alpha", "32"]
-
-
-def assert_success(result):
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-
-
-def train_losses(output_dir):
-    return [entry["loss"] for entry in log_history(output_dir) if "loss" in entry]
-
-
-def tokens_per_step(output_dir):
-    """The most real tokens one optimizer step saw (from the logged running count)."""
-    seen = [0] + [entry["num_input_tokens_seen"] for entry in log_history(output_dir) if "loss" in entry]
-    return max(b - a for a, b in zip(seen, seen[1:]))
-
-
-def assert_resumed_run_matches(resumed, whole, replayed_steps, weights_file):
-    """A resumed run repeats the uninterrupted run's last steps: the same sums, which may only round otherwise
-    (another memory alignment, another thread split): each replayed step's gradient once more."""
-    tokens = tokens_per_step(whole)
-    assert_fp32_close(train_losses(resumed), train_losses(whole), tokens, "losses")  # each a sum over a step
-    expected = load_file(os.path.join(whole, weights_file))
-    got = load_file(os.path.join(resumed, weights_file))
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert_fp32_close(got[key], expected[key], backward_depth(tokens) * replayed_steps, key)
 
 
 def assert_loss_falls(output_dir):
@@ -57,28 +26,6 @@ def assert_loss_falls(output_dir):
     assert len(losses) >= 8
     first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
     assert last < first - 0.05, losses
-
-
-PROMPT = "<|im_start|>user\nWhat is 12 times 13?<|im_end|>\n<|im_start|>assistant\n"
-
-
-def logits_of(model, tokenizer):
-    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def assert_adapter_changes_logits(base_path, adapter_dir):
-    import peft
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(adapter_dir)
-    before = logits_of(base_model(base_path), tokenizer)
-    after = logits_of(peft.PeftModel.from_pretrained(base_model(base_path), adapter_dir), tokenizer)
-    assert_changed_beyond_rounding(after, before, forward_depth(len(tokenizer(PROMPT)["input_ids"])), "logits")
-
-
-def base_model(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
 def assert_adapter_changes_the_model(base_path, adapter_dir):

@@ -15,14 +15,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import CHILD_ENV, ROOT, fake_checkpoint, make_encoder, run_finetune, write_jsonl
-from test_e2e import DATA, assert_success, train_losses
-from test_model import lora_args, training_args
+from helpers import (CHILD_ENV, DATA, GOOD, GOOD_LINE, ROOT, assert_success, fake_checkpoint, lora_args, make_encoder,
+                     run_finetune, train_losses, training_args, write_jsonl)
 
 import finetune
-
-GOOD = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
-GOOD_LINE = json.dumps(GOOD)
 
 
 # ---------------------------------------------------------------------------------------------------------

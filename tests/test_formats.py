@@ -3,14 +3,12 @@ loss_weight, and LLaMA-Factory's dataset_info.json entries with their columns an
 exact ids and labels against the independent labeller in reference_labels.py (through the equivalent sample in the
 OpenAI form, rendered by apply_chat_template)."""
 import json
-import logging
 import os
 
 import pytest
-from conftest import make_encoder, write_json, write_jsonl
+from helpers import (WEATHER_TOOL, encode, make_encoder, trained_runs, with_template, write_json, write_jsonl,
+                     write_parquet)
 from reference_labels import official_template, reference_ids_and_labels, template_ids_and_labels, template_messages
-from test_sources import write_parquet
-from test_template import WEATHER_TOOL, encode, trained_runs, with_template
 from tiny_qwen import qwen_tokenizer_dir
 
 import finetune

@@ -1,24 +1,12 @@
 """Model loading in-process: LoRA targets, bias modes, starting from an adapter, 4-bit QLoRA, resume resolution."""
-import os
-
 import pytest
 import torch
+from helpers import fake_checkpoint, lora_args, training_args
 from safetensors.torch import load_file
 
 import finetune
-from conftest import fake_checkpoint
 
 QWEN_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-
-
-def training_args(tmp_path, **kwargs):
-    return finetune.TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", **kwargs)
-
-
-def lora_args(**kwargs):
-    args = finetune.LoraArguments(use_lora=True, lora_r=4, lora_alpha=8, **kwargs)
-    finetune.check_arguments(finetune.DataArguments(data_path="unused"), finetune.TrainingArguments(output_dir="x"), args)
-    return args
 
 
 def load(model_dir, tmp_path, **lora_kwargs):

@@ -7,11 +7,9 @@ import shutil
 import sys
 
 import pytest
-from conftest import ROOT, fake_checkpoint, log_history, run_cli
 from fp32 import assert_fp32_close, backward_depth
+from helpers import DATA, ROOT, assert_success, fake_checkpoint, log_history, run_cli, zero3_config
 from safetensors.torch import load_file
-from test_distributed import zero3_config
-from test_e2e import DATA, assert_success
 
 import finetune
 

@@ -4,27 +4,17 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 import transformers
-from conftest import CHILD_ENV, ROOT, fake_checkpoint, run_finetune
-from safetensors.torch import load_file
 from fp32 import assert_fp32_close, forward_depth
-from test_e2e import DATA, PROMPT, assert_resumed_run_matches, assert_success, logits_of
-from test_model import lora_args, training_args
+from helpers import (CHILD_ENV, DATA, PROMPT, assert_resumed_run_matches, assert_success, complete, fake_checkpoint,
+                     logits_of, lora_args, lora_command, run_finetune, training_args)
 
 import finetune
 import merge_adapter
-
-
-def lora_command(model, out, *extra):
-    return [sys.executable, os.path.join(ROOT, "finetune.py"), "--model_name_or_path", model, "--data_path", DATA,
-            "--output_dir", out, "--use_lora", "true", "--lora_r", "8", "--learning_rate", "1e-2",
-            "--per_device_train_batch_size", "2", "--logging_steps", "1", "--seed", "0", "--save_steps", "2",
-            *extra]
 
 
 def wait_for(predicate, process, timeout=120):
@@ -33,10 +23,6 @@ def wait_for(predicate, process, timeout=120):
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.time() < deadline, "timed out"
         time.sleep(0.05)
-
-
-def complete(checkpoint):
-    return os.path.exists(os.path.join(checkpoint, "trainer_state.json"))
 
 
 @pytest.mark.e2e
@@ -107,7 +93,7 @@ def test_newest_complete_checkpoint_and_overwrite(tmp_path):
 
 
 def test_val_size_holds_out_the_same_samples_for_the_same_seed(tokenizer, tmp_path):
-    from conftest import make_encoder
+    from helpers import make_encoder
 
     dataset = finetune.SupervisedDataset(DATA, make_encoder(tokenizer))
     train, held_out = finetune.split_off_validation(dataset, 0.25, seed=3)

@@ -17,12 +17,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-from conftest import ROOT, log_history, run_cli, write_jsonl
 from fp32 import assert_changed_beyond_rounding, assert_fp32_close, backward_depth, forward_depth
+from helpers import (PROMPT, ROOT, assert_adapter_changes_logits, assert_resumed_run_matches, assert_success,
+                     base_model, log_history, logits_of, run_cli, torchrun, train_losses, write_jsonl, zero3_config)
 from safetensors.torch import load_file
-from test_distributed import torchrun, zero3_config
-from test_e2e import PROMPT, assert_adapter_changes_logits, assert_resumed_run_matches, assert_success, base_model, \
-    logits_of, train_losses
 
 import finetune
 from finetune import IGNORE_INDEX, UserError

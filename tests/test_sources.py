@@ -8,9 +8,7 @@ import os
 import shutil
 
 import pytest
-from conftest import ROOT, make_encoder, run_cli, write_jsonl
-from test_e2e import assert_success, train_losses
-from test_model import training_args
+from helpers import ROOT, assert_success, make_encoder, run_cli, train_losses, training_args, write_jsonl, write_parquet
 
 import finetune
 
@@ -23,15 +21,6 @@ def conversation(name, tools=False):
         messages[1:1] = [{"role": "assistant", "content": None, "tool_calls": [call]},
                          {"role": "tool", "content": f"facts about {name}"}]
     return {"messages": messages}
-
-
-def write_parquet(path, samples):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    columns = list(dict.fromkeys(key for sample in samples for key in sample))  # a table has every column
-    pq.write_table(pa.table({key: [sample.get(key) for sample in samples] for key in columns}), path)
-    return str(path)
 
 
 def data_args(tmp_path, **kwargs):

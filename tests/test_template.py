@@ -4,19 +4,14 @@ Each case checks finetune.py three ways: the ids equal the template's own tokens
 equal those of the independent labeller in reference_labels.py, and the trained runs decode to the exact text
 each assistant message should teach, written out by hand below.
 """
-import copy
 import json
 
 import pytest
-from conftest import write_json, write_jsonl
-from reference_labels import (IGNORE, QWEN25_STYLE_TEMPLATE, official_template, template_ids_and_labels,
-                              template_messages)
+from helpers import WEATHER_TOOL, encode, trained_runs, with_template, write_json, write_jsonl
+from reference_labels import QWEN25_STYLE_TEMPLATE, official_template, template_ids_and_labels, template_messages
 
 import finetune
 
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather now in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 NOTE_TOOL = {"name": "save_note", "description": "Keep a note.",
              "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}
 USER = {"role": "user", "content": "q"}
@@ -44,29 +39,6 @@ AGENT_MESSAGES = [
 
 
 PLAIN_CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-
-
-def with_template(tokenizer, chat_template):
-    other = copy.copy(tokenizer)
-    other.chat_template = chat_template
-    return other
-
-
-def encode(tokenizer, path, lazy=False, **kwargs):
-    encoder = finetune.ChatEncoder(tokenizer, kwargs.pop("model_max_length", 8192), **kwargs)
-    dataset = (finetune.LazySupervisedDataset if lazy else finetune.SupervisedDataset)(path, encoder)
-    return [dataset[i] for i in range(len(dataset))]
-
-
-def trained_runs(tokenizer, example):
-    runs, run = [], []
-    for label in example["labels"] + [IGNORE]:
-        if label != IGNORE:
-            run.append(label)
-        elif run:
-            runs.append(tokenizer.decode(run))
-            run = []
-    return runs
 
 
 def check_against_the_template(tokenizer, example, messages, tools=None, chat_template=None, objects=None,

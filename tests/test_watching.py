@@ -10,11 +10,10 @@ import types
 import pytest
 import torch
 import transformers
-from conftest import log_history, make_encoder, run_cli, run_finetune, write_jsonl
+from helpers import (DATA, assert_success, log_history, make_encoder, run_cli, run_finetune, torchrun, write_jsonl,
+                     zero3_config)
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
-from test_distributed import torchrun, zero3_config
-from test_e2e import DATA, assert_success
 
 import finetune
 
