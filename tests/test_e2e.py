@@ -4,16 +4,14 @@ Marked e2e (each run costs 10-20 s on 2 CPU cores): `pytest -m "not e2e"` skips 
 """
 import json
 import os
-import shutil
 import sys
 
 import pytest
 import torch
 import transformers
 from fp32 import assert_changed_beyond_rounding, assert_fp32_close, forward_depth
-from helpers import (AGENT_DATA, DATA, LORA, PROMPT, SHORT_RUN, assert_adapter_changes_logits,
-                     assert_resumed_run_matches, assert_success, base_model, log_history, logits_of, run_cli,
-                     run_finetune, train_losses, write_jsonl)
+from helpers import (AGENT_DATA, DATA, LORA, PROMPT, SHORT_RUN, assert_adapter_changes_logits, assert_success,
+                     base_model, log_history, logits_of, run_cli, run_finetune, train_losses, write_jsonl)
 from reference_labels import IGNORE, reference_ids_and_labels, template_ids_and_labels, template_messages
 from safetensors.torch import load_file
 from tiny_qwen import qwen_tokenizer_dir
@@ -171,25 +169,6 @@ def test_finetune_qlora_sh_writes_an_adapter_that_loads_on_the_full_precision_ba
     assert_success(result)
     assert "--q_lora true" in result.stdout
     assert_adapter_changes_the_model(tiny_qwen2, out)
-
-
-def test_lora_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(tiny_qwen2, tmp_path):
-    def run(out, *extra):
-        return run_finetune(["--model_name_or_path", tiny_qwen2, "--data_path", DATA, "--output_dir", out,
-                             "--use_lora", "true", "--max_steps", "6", "--save_steps", "3", "--learning_rate", "1e-2",
-                             *LORA, *SHORT_RUN, *extra])
-
-    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
-    assert_success(run(whole))
-    shutil.copytree(os.path.join(whole, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
-    result = run(resumed, "--resume_from_checkpoint", "true")
-    assert_success(result)
-    assert "resuming from" in result.stderr and "checkpoint-3" in result.stderr
-    # The resumed run carries the checkpoint's history (steps 1-3) and logs the same losses for steps 4-6.
-    assert len(train_losses(resumed)) == 6
-    assert_resumed_run_matches(resumed, whole, 3, "adapter_model.safetensors")
-    got = load_file(os.path.join(resumed, "adapter_model.safetensors"))
-    assert any("lora_B" in key and got[key].abs().sum() > 0 for key in got)  # the adapter did train
 
 
 def test_preprocess_only_loads_no_model_and_dumps_exactly_the_label_rule(tmp_path):

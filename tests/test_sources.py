@@ -1,5 +1,5 @@
-"""Several data sources (JSON Lines, Parquet, folders, globs, dataset ids), mixing by count or fraction, and runs
-described in a config file."""
+"""Several data sources (JSON Lines, Parquet, folders, globs, dataset ids), mixing by count or fraction, and the
+launcher running an example config file over them (config files themselves: test_config.py)."""
 import collections
 import glob
 import json
@@ -134,31 +134,6 @@ def test_bad_rows_and_empty_sources_are_one_line_errors(tokenizer, tmp_path):
         finetune.make_dataset([str(tmp_path / "empty")], make_encoder(tokenizer), data_args(tmp_path))
     with pytest.raises(finetune.UserError, match="the amount after '#' must be positive"):
         finetune.parse_sources([f"{table}#0"])
-
-
-def test_a_config_file_with_command_line_overrides_and_unknown_keys(tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text("data_path: a.jsonl, b.parquet#0.5\noutput_dir: " + str(tmp_path / "out") + "\n"
-                      "learning_rate: 2.0e-4\nuse_lora: true\nlora_r: 32\nlora_target_modules: [q_proj, v_proj]\n"
-                      "use_cpu: true\npacking: true\nchat_template_kwargs: {preserve_thinking: true}\n")
-    model, data, training, lora = finetune.parse_arguments([str(config), "--lora_r", "8"])
-    assert data.data_path == ["a.jsonl", "b.parquet#0.5"]
-    assert data.chat_template_kwargs == {"preserve_thinking": True}  # a mapping, as the template takes it
-    assert training.learning_rate == 2e-4 and training.packing and lora.use_lora
-    assert lora.lora_r == 8 and lora.lora_target_modules == ["q_proj", "v_proj"]  # the command line wins
-    # --config anywhere: the flags before it are defaults it overrides (what the launchers do).
-    _, _, training, lora = finetune.parse_arguments(["--lora_r", "4", "--learning_rate", "1e-3", "--config",
-                                                     str(config), "--learning_rate", "5e-5"])
-    assert lora.lora_r == 32 and training.learning_rate == 5e-5
-    as_json = tmp_path / "run.json"
-    as_json.write_text(json.dumps({"data_path": "a.jsonl", "output_dir": str(tmp_path / "o"), "use_cpu": True}))
-    assert finetune.parse_arguments([str(as_json)])[1].data_path == ["a.jsonl"]
-    (tmp_path / "typo.yaml").write_text("data_path: a.jsonl\nlearning_rat: 1e-4\n")
-    with pytest.raises(finetune.UserError, match=f"{tmp_path / 'typo.yaml'}: unknown key 'learning_rat'"):
-        finetune.parse_arguments([str(tmp_path / "typo.yaml")])
-    (tmp_path / "broken.yaml").write_text("data_path: [a.jsonl\n")
-    with pytest.raises(finetune.UserError, match="broken.yaml: not valid YAML"):
-        finetune.parse_arguments([str(tmp_path / "broken.yaml")])
 
 
 @pytest.mark.e2e

@@ -7,7 +7,7 @@ each assistant message should teach, written out by hand below.
 import json
 
 import pytest
-from helpers import WEATHER_TOOL, encode, trained_runs, with_template, write_json, write_jsonl
+from helpers import WEATHER_TOOL, encode, make_encoder, trained_runs, with_template, write_json, write_jsonl
 from reference_labels import QWEN25_STYLE_TEMPLATE, official_template, template_ids_and_labels, template_messages
 
 import finetune
@@ -356,3 +356,13 @@ def test_template_that_raises_is_reported_for_the_sample(tokenizer, tmp_path):
                                                             {"role": "assistant", "content": "a"}]}])
     with pytest.raises(finetune.DataError, match=r"line 1: the chat template cannot render it: .*no tools here"):
         encode(strict, path)
+
+
+def test_nan_in_tool_arguments_is_refused(tokenizer, tmp_path):
+    call = {"type": "function", "function": {"name": "f", "arguments": '{"x": NaN}'}}
+    path = write_jsonl(tmp_path / "t.jsonl", [{"messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "1"}, {"role": "assistant", "content": "done"}]}])
+    with pytest.raises(finetune.DataError, match="message 1 tool call 0 'arguments': not valid JSON "
+                                                 r"\(NaN is not a JSON value\)"):
+        finetune.SupervisedDataset(path, make_encoder(tokenizer, template="auto", system_message=None))

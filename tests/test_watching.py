@@ -1,11 +1,12 @@
 """Watching a long run: progress of long waits, replies at each evaluation, early stopping with the best checkpoint
-kept, checkpoints on demand (SAVE_NOW, STOP_NOW), the model card, TensorBoard."""
+kept, loss and learning-rate curves, checkpoints on demand (SAVE_NOW, STOP_NOW), the model card, TensorBoard."""
 import glob
 import json
 import logging
 import math
 import os
 import types
+import warnings
 
 import pytest
 import torch
@@ -222,6 +223,21 @@ def test_the_model_card_names_a_hub_base_model_and_the_adapters_settings(tiny_qw
     assert '"r": 4, "alpha": 8' in card.text
     assert 'transformers.AutoModelForImageTextToText.from_pretrained("Qwen/Qwen3.6-27B")' in card.text
     assert "peft.PeftModel.from_pretrained(model, \"THIS_FOLDER_OR_REPO\")" in card.text
+
+
+def test_training_curves_are_drawn(tmp_path):
+    history = [{"step": s, "loss": 3.0 - s / 10, "learning_rate": 1e-3 * (1 - s / 10)} for s in range(1, 10)]
+    history += [{"step": 5, "eval_loss": 2.8}, {"step": 9, "eval_loss": 2.3}]
+    path = tmp_path / "curves.png"
+    finetune.plot_training_curves(history, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_a_run_too_short_to_log_a_loss_draws_its_curves_without_warnings(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        finetune.plot_training_curves([{"step": 1, "learning_rate": 1e-3}], str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def lora_run(model, data, out, *extra):
