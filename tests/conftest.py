@@ -12,6 +12,10 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions"))
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="qwen-finetune-tests-cache-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
+# Runs in this process (helpers.run_in_process) never reach for a hub either, as subprocesses do not (CHILD_ENV):
+# set before transformers and huggingface_hub read it at import.
+for name, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(name, value)
 
 import pytest  # noqa: E402
 import transformers  # noqa: E402

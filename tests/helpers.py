@@ -1,11 +1,17 @@
-"""Plain helpers shared by the test files (fixtures are in conftest.py): where things are, running finetune.py,
-reading what a run left behind, and the checks several files make.
+"""Plain helpers shared by the test files (fixtures are in conftest.py): where things are, running finetune.py (in
+a subprocess or in this process), reading what a run left behind, and the checks several files make.
 
 A helper that only one test file uses stays in that file.
 """
+import contextlib
 import copy
+import gc
+import io
 import json
+import logging
 import os
+import random
+import signal
 import subprocess
 import sys
 
@@ -13,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # finetune.py, merge_adapter.py
 sys.path.insert(0, os.path.join(ROOT, "examples"))  # tiny_qwen.py
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -163,7 +170,62 @@ def run_cli(args, cwd=ROOT, timeout=600, env=None):
 
 
 def run_finetune(args, **kwargs):
+    """`python finetune.py ARGS` in a subprocess: for a run that needs a process of its own (a signal sent to it,
+    torch.distributed, which --deepspeed starts even on one process, an environment read at import)."""
     return run_cli([sys.executable, os.path.join(ROOT, "finetune.py"), *args], **kwargs)
+
+
+def run_in_process(args):
+    """`python finetune.py ARGS` as finetune.main(ARGS) in this process, without the 5-8 s a new interpreter takes
+    to import torch and transformers. Returns what run_finetune returns: a CompletedProcess with the exit status
+    (main's sys.exit, 0 if it returns) and what the run wrote to stdout and to stderr, its log lines included.
+
+    For one process that needs nothing of a process of its own. What main() changes in the process is put back
+    afterwards: the signal handlers it installs, the levels of its loggers, os.environ (the launch environment),
+    the random generators (--seed) and torch's default dtype. It must not start torch.distributed: a --deepspeed run
+    does, even on one process (use run_finetune)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    # Where main()'s logging.basicConfig would send the log: stderr, in main's format. On the root logger before
+    # main() runs, so that basicConfig (which does nothing where the root has a handler) adds none of its own; and
+    # on transformers' logger, which keeps its records from the root and would write them to this process's stderr.
+    handler = logging.StreamHandler(stderr)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    hosts = [logging.getLogger(), logging.getLogger("transformers")]
+    levels = {name: logging.getLogger(name).level for name in ("finetune", "finetune.ranks")}
+    verbosity = transformers.logging.get_verbosity()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    environ = dict(os.environ)
+    generators = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    dtype = torch.get_default_dtype()
+    for host in hosts:
+        host.addHandler(handler)
+    returncode = 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                finetune.main([str(arg) for arg in args])
+            except SystemExit as exit_status:  # as the interpreter turns it into an exit status
+                code = exit_status.code
+                returncode = 0 if code is None else code if isinstance(code, int) else 1
+        assert not torch.distributed.is_initialized(), "main() started torch.distributed: use run_finetune"
+    finally:
+        for host in hosts:
+            host.removeHandler(handler)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        transformers.logging.set_verbosity(verbosity)
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+        for key in [key for key in os.environ if key not in environ]:
+            del os.environ[key]
+        os.environ.update(environ)
+        random.setstate(generators[0])
+        np.random.set_state(generators[1])
+        torch.set_rng_state(generators[2])
+        torch.set_default_dtype(dtype)
+        gc.collect()  # the run's model and trainer, now
+    return subprocess.CompletedProcess(["finetune.main", *map(str, args)], returncode, stdout.getvalue(),
+                                       stderr.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------------------

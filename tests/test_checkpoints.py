@@ -2,8 +2,10 @@
 resumed, one that cannot fit the flags or the data refused; resumed runs that end where an uninterrupted run ends,
 on the same or on another number of processes (DDP, DeepSpeed ZeRO-2, and ZeRO-3 through its universal checkpoints).
 
-Most checks run in-process on the functions main() calls. Runs are marked e2e; the runs of several processes also
-distributed (each runs 2-process training, then resumes it on 1 and on 4 processes)."""
+Most checks run in-process on the functions main() calls. Runs are marked e2e: one process runs finetune.main() in
+this process, except the run killed with SIGKILL. The resumes on another number of processes (each runs 2-process
+training, then resumes it on 1 and on 4 processes) are subprocesses, also marked distributed; their one-process runs
+too, as they compare with the same engines (--deepspeed starts torch.distributed even on one process)."""
 import json
 import logging
 import os
@@ -18,7 +20,7 @@ import torch
 from fp32 import assert_fp32_close, backward_depth
 from helpers import (CHILD_ENV, DATA, GOOD, GOOD_LINE, LORA, ROOT, SHORT_RUN, assert_resumed_run_matches,
                      assert_success, complete, fake_checkpoint, log_history, lora_args, lora_command, run_cli,
-                     run_finetune, train_losses, training_args, write_jsonl, zero3_config)
+                     run_in_process, train_losses, training_args, write_jsonl, zero3_config)
 from safetensors.torch import load_file
 
 import finetune
@@ -173,9 +175,9 @@ def test_resuming_on_other_data_is_refused_unless_asked_for(tmp_path):
 @pytest.mark.e2e
 def test_lora_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(tiny_qwen2, tmp_path):
     def run(out, *extra):
-        return run_finetune(["--model_name_or_path", tiny_qwen2, "--data_path", DATA, "--output_dir", out,
-                             "--use_lora", "true", "--max_steps", "6", "--save_steps", "3", "--learning_rate", "1e-2",
-                             *LORA, *SHORT_RUN, *extra])
+        return run_in_process(["--model_name_or_path", tiny_qwen2, "--data_path", DATA, "--output_dir", out,
+                               "--use_lora", "true", "--max_steps", "6", "--save_steps", "3", "--learning_rate", "1e-2",
+                               *LORA, *SHORT_RUN, *extra])
 
     whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
     assert_success(run(whole))
@@ -201,7 +203,7 @@ def wait_for(predicate, process, timeout=120):
 @pytest.mark.e2e
 def test_a_killed_run_repeated_ends_with_the_weights_of_an_uninterrupted_run(tiny_qwen2, tmp_path):
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
-    assert_success(run_finetune(lora_command(tiny_qwen2, whole, "--max_steps", "10")[2:]))
+    assert_success(run_in_process(lora_command(tiny_qwen2, whole, "--max_steps", "10")[2:]))
 
     process = subprocess.Popen(lora_command(tiny_qwen2, killed, "--max_steps", "10"), env=CHILD_ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -218,7 +220,7 @@ def test_a_killed_run_repeated_ends_with_the_weights_of_an_uninterrupted_run(tin
     json.dump({**state, "global_step": 8}, open(os.path.join(damaged, "trainer_state.json"), "w"))
     os.truncate(os.path.join(damaged, "optimizer.pt"), os.path.getsize(os.path.join(damaged, "optimizer.pt")) // 2)
 
-    result = run_finetune(lora_command(tiny_qwen2, killed, "--max_steps", "10")[2:])  # the same command again
+    result = run_in_process(lora_command(tiny_qwen2, killed, "--max_steps", "10")[2:])  # the same command again
     assert_success(result)
     assert f"skipping {damaged}: optimizer.pt is truncated or corrupt" in result.stderr
     resumed_from = [line for line in result.stderr.splitlines() if "resuming from" in line]
@@ -232,9 +234,9 @@ def test_reruns_on_changed_data_or_flags_stop_in_one_line_or_continue_on_purpose
     shutil.copy(DATA, data)
 
     def run(*extra):
-        return run_finetune(["--model_name_or_path", tiny_qwen2, "--data_path", data, "--output_dir", out,
-                             "--use_lora", "true", "--lora_r", "8", "--max_steps", "2", "--save_steps", "2",
-                             "--per_device_train_batch_size", "2", "--logging_steps", "1", *extra])
+        return run_in_process(["--model_name_or_path", tiny_qwen2, "--data_path", data, "--output_dir", out,
+                               "--use_lora", "true", "--lora_r", "8", "--max_steps", "2", "--save_steps", "2",
+                               "--per_device_train_batch_size", "2", "--logging_steps", "1", *extra])
 
     assert_success(run())
     with open(data, "a") as f:  # one more sample: the checkpoint was trained on other data

@@ -1,6 +1,8 @@
-"""End-to-end runs as a user starts them: finetune.py and the launchers in a subprocess, on tiny random Qwen models.
+"""End-to-end runs as a user starts them, on tiny random Qwen models: the launchers, examples/chat.py and the demo in
+a subprocess; finetune.py's own command lines through finetune.main() in this process (helpers.run_in_process: the
+same exit status, stdout and stderr, without a new interpreter's start-up).
 
-Marked e2e (each run costs 10-20 s on 2 CPU cores): `pytest -m "not e2e"` skips them, `pytest -m e2e` runs only them.
+Marked e2e (each run costs 5-20 s on 2 CPU cores): `pytest -m "not e2e"` skips them, `pytest -m e2e` runs only them.
 """
 import json
 import os
@@ -11,7 +13,7 @@ import torch
 import transformers
 from fp32 import assert_changed_beyond_rounding, assert_fp32_close, forward_depth
 from helpers import (AGENT_DATA, DATA, LORA, PROMPT, SHORT_RUN, assert_adapter_changes_logits, assert_success,
-                     base_model, log_history, logits_of, run_cli, run_finetune, train_losses, write_jsonl)
+                     base_model, log_history, logits_of, run_cli, run_in_process, train_losses, write_jsonl)
 from reference_labels import IGNORE, reference_ids_and_labels, template_ids_and_labels, template_messages
 from safetensors.torch import load_file
 from tiny_qwen import qwen_tokenizer_dir
@@ -37,9 +39,9 @@ def assert_adapter_changes_the_model(base_path, adapter_dir):
 
 def test_full_finetune_of_qwen3_with_packing_writes_a_model_that_reloads_with_trained_weights(tiny_qwen3, tmp_path):
     out = str(tmp_path / "full")
-    result = run_finetune(["--model_name_or_path", tiny_qwen3, "--data_path", DATA, "--eval_data_path", AGENT_DATA,
-                           "--output_dir", out, "--max_steps", "12", "--learning_rate", "3e-3",
-                           "--save_strategy", "no", "--packing", "true", *SHORT_RUN])
+    result = run_in_process(["--model_name_or_path", tiny_qwen3, "--data_path", DATA, "--eval_data_path", AGENT_DATA,
+                             "--output_dir", out, "--max_steps", "12", "--learning_rate", "3e-3",
+                             "--save_strategy", "no", "--packing", "true", *SHORT_RUN])
     assert_success(result)
     assert_loss_falls(out)
     assert any("eval_loss" in entry for entry in log_history(out))
@@ -77,9 +79,9 @@ def config_of(folder):
 def test_full_finetune_of_qwen3_5_with_packing_keeps_the_checkpoints_class_config_and_vision_tower(
         tiny_qwen3_5, tmp_path):
     out = str(tmp_path / "full")
-    result = run_finetune(["--model_name_or_path", tiny_qwen3_5, "--data_path", DATA, AGENT_DATA, "--output_dir", out,
-                           "--max_steps", "10", "--learning_rate", "3e-3", "--save_strategy", "no",
-                           "--packing", "true", *SHORT_RUN])
+    result = run_in_process(["--model_name_or_path", tiny_qwen3_5, "--data_path", DATA, AGENT_DATA, "--output_dir", out,
+                             "--max_steps", "10", "--learning_rate", "3e-3", "--save_strategy", "no",
+                             "--packing", "true", *SHORT_RUN])
     assert_success(result)
     assert "parameters outside it (the vision tower) are frozen" in result.stderr
     assert_loss_falls(out)
@@ -103,10 +105,10 @@ def test_qwen3_5_lora_adapter_loads_onto_the_checkpoints_class_merges_and_answer
     import merge_adapter
 
     out = str(tmp_path / "lora")
-    result = run_finetune(["--model_name_or_path", tiny_qwen3_5, "--data_path", AGENT_DATA, "--output_dir", out,
-                           "--use_lora", "true", "--max_steps", "6", "--learning_rate", "1e-2", "--save_strategy",
-                           "no", "--packing", "true", "--rope_scaling", "2",
-                           "--chat_template_kwargs", '{"preserve_thinking": true}', *LORA, *SHORT_RUN])
+    result = run_in_process(["--model_name_or_path", tiny_qwen3_5, "--data_path", AGENT_DATA, "--output_dir", out,
+                             "--use_lora", "true", "--max_steps", "6", "--learning_rate", "1e-2", "--save_strategy",
+                             "no", "--packing", "true", "--rope_scaling", "2",
+                             "--chat_template_kwargs", '{"preserve_thinking": true}', *LORA, *SHORT_RUN])
     assert_success(result)
     saved = load_file(os.path.join(out, "adapter_model.safetensors"))
     # The keys of the checkpoint's own class, which vLLM maps onto its language model: 3 linear-attention layers of 6
@@ -182,9 +184,9 @@ def test_preprocess_only_loads_no_model_and_dumps_exactly_the_label_rule(tmp_pat
     data = write_jsonl(tmp_path / "new.jsonl", [{"messages": c} for c in conversations])
     out = str(tmp_path / "preview")
     # The model folder holds only a tokenizer: loading any model would fail.
-    result = run_finetune(["--model_name_or_path", qwen_tokenizer_dir(), "--data_path", data, "--output_dir", out,
-                           "--preprocess_only", "true", "--system_message", "Be kind.", "--model_max_length", "256",
-                           "--template", "chatml"])
+    result = run_in_process(["--model_name_or_path", qwen_tokenizer_dir(), "--data_path", data, "--output_dir", out,
+                             "--preprocess_only", "true", "--system_message", "Be kind.", "--model_max_length", "256",
+                             "--template", "chatml"])
     assert_success(result)
     assert "samples kept: 2" in result.stdout and "1 with no trained token within --model_max_length" in result.stdout
     assert "⟦Il est midi. ⏰<|im_end|>⟧" in result.stdout
@@ -203,8 +205,8 @@ def test_preprocess_only_loads_no_model_and_dumps_exactly_the_label_rule(tmp_pat
 
 def test_preprocess_only_with_the_models_template_dumps_reasoning_and_tool_calls_by_the_rule(tmp_path):
     out = str(tmp_path / "preview")
-    result = run_finetune(["--model_name_or_path", qwen_tokenizer_dir(), "--data_path", AGENT_DATA,
-                           "--output_dir", out, "--preprocess_only", "true"])  # --template auto is the default
+    result = run_in_process(["--model_name_or_path", qwen_tokenizer_dir(), "--data_path", AGENT_DATA,
+                             "--output_dir", out, "--preprocess_only", "true"])  # --template auto is the default
     assert_success(result)
     assert "the model's own chat template" in result.stderr
     assert "⟦<think>\nThe user wants today's weather in Lisbon" in result.stdout
@@ -238,8 +240,8 @@ def test_data_errors_end_with_one_line_and_no_traceback(tmp_path, case, tiny_qwe
     if case == "bad json line":  # through the launcher, as users start runs
         result = run_cli(["bash", "finetune_lora.sh", "-m", model, "-d", str(data), "-o", str(tmp_path / "o")])
     else:
-        result = run_finetune(["--model_name_or_path", model, "--data_path", str(data), "--output_dir",
-                               str(tmp_path / "o")])
+        result = run_in_process(["--model_name_or_path", model, "--data_path", str(data), "--output_dir",
+                                 str(tmp_path / "o")])
     assert result.returncode == 2
     assert "Traceback" not in result.stderr + result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

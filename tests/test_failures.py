@@ -1,8 +1,8 @@
 """When a run goes wrong or is stopped: steps whose loss or gradient norm is not finite (divergence), and signals
 (a scheduler's SIGTERM before it preempts a job, Ctrl-C): what is saved, what is said, and the exit status.
 
-The decisions are checked in-process on the callbacks; the runs whose point is the real process (its exit status
-after a signal, a launcher) are subprocesses, marked e2e.
+The decisions are checked in-process on the callbacks. Runs are marked e2e: a diverged run calls finetune.main() in
+this process; the runs whose point is the real process (a signal sent to it, a launcher) are subprocesses.
 """
 import logging
 import os
@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from helpers import CHILD_ENV, DATA, ROOT, complete, lora_command, run_finetune, training_args, write_jsonl
+from helpers import CHILD_ENV, DATA, ROOT, complete, lora_command, run_in_process, training_args, write_jsonl
 
 import finetune
 
@@ -70,9 +70,9 @@ def test_fp16_loss_scaling_overflows_are_not_divergence_but_a_non_finite_loss_is
 @pytest.mark.e2e
 def test_a_diverged_run_stops_in_one_line_logs_nan_and_saves_no_result(tiny_qwen3, tmp_path):
     out = str(tmp_path / "diverged")
-    result = run_finetune(["--model_name_or_path", tiny_qwen3, "--data_path", DATA, "--output_dir", out,
-                           "--max_steps", "8", "--learning_rate", "1e38", "--per_device_train_batch_size", "2",
-                           "--logging_steps", "1", "--save_steps", "1", "--max_nonfinite_steps", "2"])
+    result = run_in_process(["--model_name_or_path", tiny_qwen3, "--data_path", DATA, "--output_dir", out,
+                             "--max_steps", "8", "--learning_rate", "1e38", "--per_device_train_batch_size", "2",
+                             "--logging_steps", "1", "--save_steps", "1", "--max_nonfinite_steps", "2"])
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr + result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
