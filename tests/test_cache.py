@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import transformers
-from conftest import CHILD_ENV, ROOT, make_encoder, write_jsonl
+from helpers import CHILD_ENV, GOOD, ROOT, make_encoder, write_jsonl
 
 import finetune
 
@@ -454,3 +454,11 @@ def test_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", "~/xdg")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert finetune.default_cache_dir() == str(tmp_path / ".cache" / "qwen-finetune" / "tokenized")
+
+
+def test_an_unwritable_cache_folder_tokenizes_without_the_cache(tokenizer, tmp_path, caplog):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD])
+    (tmp_path / "a_file").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        dataset = finetune.SupervisedDataset(path, make_encoder(tokenizer), cache_dir=str(tmp_path / "a_file" / "c"))
+    assert len(dataset) == 1 and "--data_cache_dir" in caplog.text and "tokenizing without a cache" in caplog.text

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+from helpers import DATA
 
 import finetune
 
@@ -80,6 +81,31 @@ def test_what_yaml_writes_naturally_means_what_it_says(tmp_path):
     assert data.chat_template_kwargs == {"preserve_thinking": True} and training.warmup_steps == 10
 
 
+def test_a_config_file_with_command_line_overrides_and_unknown_keys(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("data_path: a.jsonl, b.parquet#0.5\noutput_dir: " + str(tmp_path / "out") + "\n"
+                      "learning_rate: 2.0e-4\nuse_lora: true\nlora_r: 32\nlora_target_modules: [q_proj, v_proj]\n"
+                      "use_cpu: true\npacking: true\nchat_template_kwargs: {preserve_thinking: true}\n")
+    model, data, training, lora = finetune.parse_arguments([str(config), "--lora_r", "8"])
+    assert data.data_path == ["a.jsonl", "b.parquet#0.5"]
+    assert data.chat_template_kwargs == {"preserve_thinking": True}  # a mapping, as the template takes it
+    assert training.learning_rate == 2e-4 and training.packing and lora.use_lora
+    assert lora.lora_r == 8 and lora.lora_target_modules == ["q_proj", "v_proj"]  # the command line wins
+    # --config anywhere: the flags before it are defaults it overrides (what the launchers do).
+    _, _, training, lora = finetune.parse_arguments(["--lora_r", "4", "--learning_rate", "1e-3", "--config",
+                                                     str(config), "--learning_rate", "5e-5"])
+    assert lora.lora_r == 32 and training.learning_rate == 5e-5
+    as_json = tmp_path / "run.json"
+    as_json.write_text(json.dumps({"data_path": "a.jsonl", "output_dir": str(tmp_path / "o"), "use_cpu": True}))
+    assert finetune.parse_arguments([str(as_json)])[1].data_path == ["a.jsonl"]
+    (tmp_path / "typo.yaml").write_text("data_path: a.jsonl\nlearning_rat: 1e-4\n")
+    with pytest.raises(finetune.UserError, match=f"{tmp_path / 'typo.yaml'}: unknown key 'learning_rat'"):
+        finetune.parse_arguments([str(tmp_path / "typo.yaml")])
+    (tmp_path / "broken.yaml").write_text("data_path: [a.jsonl\n")
+    with pytest.raises(finetune.UserError, match="broken.yaml: not valid YAML"):
+        finetune.parse_arguments([str(tmp_path / "broken.yaml")])
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--learning_rate", "fast"], "--learning_rate: invalid float value: 'fast'"),
     (["--template", "jinja"], "--template: invalid choice: 'jinja' (choose from 'auto', 'chatml')"),
@@ -125,6 +151,23 @@ def test_a_bad_flag_on_the_command_line_is_one_line_not_the_usage(tmp_path, flag
     assert str(error.value).startswith(expected) and "\n" not in str(error.value) and "usage" not in str(error.value)
 
 
+@pytest.mark.parametrize("flags, problem", [
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be positive, got 0"),
+    (["--learning_rate=-1e-4"], "--learning_rate must be zero or more, got -0.0001"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be positive"),
+    (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1), got 1.5"),
+    (["--max_steps", "0"], "--max_steps must be positive"),
+    (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps must be positive"),
+    (["--sequence_parallel_size", "0"], "--sequence_parallel_size must be positive"),
+    (["--rope_scaling", "0.5"], "--rope_scaling is YaRN's factor: more than 1, at most 1024; got 0.5"),
+    (["--rope_native_length", "4096"], "--rope_native_length is a positive number of tokens, for --rope_scaling"),
+])
+def test_impossible_numbers_are_refused(tmp_path, flags, problem):
+    with pytest.raises(finetune.UserError, match=problem.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        finetune.parse_arguments(["--data_path", DATA, "--output_dir", str(tmp_path / "o"), "--use_cpu", "true",
+                                  *flags])
+
+
 def test_lora_targets_that_match_nothing_stop_the_run_before_the_model_loads(tiny_qwen3_5, monkeypatch):
     import transformers
 
@@ -144,3 +187,13 @@ def test_lora_names_are_suffixes_as_peft_takes_them_and_modules_to_save_must_exi
     finetune.check_lora_targets(config, finetune.LoraArguments(use_lora=True, lora_target_modules=["self_attn.q_proj"]))
     with pytest.raises(finetune.UserError, match="--lora_modules_to_save foo: no module of this model has that name"):
         finetune.check_lora_targets(config, finetune.LoraArguments(use_lora=True, lora_modules_to_save=["lm_head,foo"]))
+
+
+def test_lora_arguments_are_normalised_where_they_are_defined():
+    args = finetune.LoraArguments(q_lora=True, lora_target_modules=["q_proj,k_proj", "v_proj"],
+                                  lora_modules_to_save="embed_tokens lm_head")
+    assert args.use_lora  # --q_lora implies it
+    assert args.lora_target_modules == ["q_proj", "k_proj", "v_proj"]
+    assert args.lora_modules_to_save == ["embed_tokens", "lm_head"]
+    assert finetune.LoraArguments(lora_weight_path="adapter").use_lora
+    assert not finetune.LoraArguments().use_lora and finetune.LoraArguments().lora_target_modules == ["all-linear"]

@@ -1,9 +1,12 @@
-"""The data path: reading both formats, the label contract token for token, truncation, errors, datasets, collator."""
+"""The data path: reading both formats, the label contract token for token (a message's 'weight' 0 included),
+truncation, errors (text that cannot be tokenized as written included), datasets, the held-out validation split,
+the collator, and the preview's report."""
 import json
+import logging
 
 import pytest
 import torch
-from conftest import make_encoder, write_json, write_jsonl
+from helpers import DATA, GOOD, GOOD_LINE, dataset_of, make_encoder, write_json, write_jsonl
 from reference_labels import IGNORE, reference_ids_and_labels
 from tiny_qwen import qwen_tokenizer_dir
 
@@ -101,6 +104,24 @@ def test_assistant_first_and_empty_assistant_content_are_trained(tokenizer, tmp_
     assert [label for label in labels if label != IGNORE].count(IM_END) == 2
 
 
+@pytest.mark.parametrize("template", ["chatml", "auto"])
+def test_weight_0_keeps_an_assistant_message_out_of_training(tokenizer, tmp_path, template):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]
+    weighted = [dict(m) for m in messages]
+    weighted[1]["weight"], weighted[3]["weight"] = 0, 1
+    path = write_jsonl(tmp_path / "w.jsonl", [{"messages": messages}, {"messages": weighted}])
+    dataset = finetune.SupervisedDataset(path, make_encoder(tokenizer, template=template, system_message=None))
+    plain, with_weight = dataset[0], dataset[1]
+    assert plain["input_ids"] == with_weight["input_ids"]
+
+    def trained_text(example):
+        return tokenizer.decode([t for t in example["labels"] if t != -100])
+
+    assert trained_text(plain) == "Hello there.<|im_end|>Goodbye.<|im_end|>"
+    assert trained_text(with_weight) == "Goodbye.<|im_end|>"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Truncation and dropping
 # ---------------------------------------------------------------------------------------------------------
@@ -127,15 +148,29 @@ def test_truncation_keeps_the_first_tokens_and_drops_samples_left_without_traine
 def test_every_sample_dropped_is_an_error(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", long_prompt_samples()[1:2])
     with pytest.raises(finetune.DataError, match="every sample was dropped"):
-        finetune.make_dataset(finetune.resolve_sources(path), make_encoder(tokenizer, model_max_length=32),
+        dataset_of(path, make_encoder(tokenizer, model_max_length=32),
                               finetune.DataArguments(data_path=path, data_cache_dir="none"))
+
+
+def test_a_huge_sample_is_cut_before_it_is_tokenized_whole(tokenizer, tmp_path, monkeypatch):
+    huge = {"messages": [{"role": "user", "content": "Summarise:"},
+                         {"role": "assistant", "content": "the sea is wide, " * 300_000}]}  # 5 MB of text
+    path = write_jsonl(tmp_path / "huge.jsonl", [huge])
+    encoder = make_encoder(tokenizer, model_max_length=256)
+    longest = []
+    real_tokenizer = encoder.tokenizer
+    monkeypatch.setattr(encoder, "tokenizer", lambda texts, **kw: longest.append(max(map(len, texts))) or
+                        real_tokenizer(texts, **kw))
+    [example] = [finetune.SupervisedDataset(path, encoder)[0]]
+    assert longest[0] <= encoder.max_chars < 100_000
+    text, _ = encoder.render(encoder.parse(huge, "huge"))
+    assert example["input_ids"] == real_tokenizer(text[:20_000], add_special_tokens=False)["input_ids"][:256]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Errors: each names the file, the line or sample, and the problem
 # ---------------------------------------------------------------------------------------------------------
 
-GOOD = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
 BAD_SAMPLES = {
     "unknown role": ({"messages": [{"role": "bot", "content": "a"}]}, "message 0 has unknown role 'bot'"),
     "missing content": ({"conversations": [{"from": "user"}]}, "message 0 has no 'content' (or 'value') field"),
@@ -223,6 +258,46 @@ def test_format_is_decided_by_content_not_suffix(tokenizer, tmp_path):
     assert encode_file(tokenizer, as_json)[1] == encode_file(tokenizer, as_jsonl)[1]
 
 
+BAD_LINES = {
+    "lone surrogate": ('{"messages": [{"role": "user", "content": "smile \\ud83d"}, '
+                       '{"role": "assistant", "content": "ok"}]}',
+                       "line 2: message 0 holds a lone surrogate '\\ud83d' at character 6"),
+    "surrogate in reasoning": ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", '
+                               '"content": "b", "weight": 1, "reasoning_content": "\\udc00"}]}',
+                               "line 2: message 1: its 'reasoning_content' holds a lone surrogate"),
+    "nested brackets": ("[" * 100_000 + "]" * 100_000, "line 2: not valid JSON (nested too deeply)"),
+    "huge integer": ('{"n": ' + "9" * 5000 + "}", "line 2: not valid JSON (Exceeds the limit"),
+    "Infinity literal": (GOOD_LINE[:-1] + ', "score": Infinity}', "line 2: not valid JSON (Infinity is not a JSON"),
+    "weight on a user message": ('{"messages": [{"role": "user", "content": "a", "weight": 1}, '
+                                 '{"role": "assistant", "content": "b"}]}',
+                                 "line 2: message 0: 'weight' 1 on a user message: only what the assistant says"),
+    "weight 2": ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", '
+                 '"weight": 2}]}', "'weight' must be 0 or 1"),
+    "every weight 0": ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", '
+                       '"weight": 0}]}', "line 2: every assistant message has 'weight' 0"),
+}
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_text_that_cannot_be_tokenized_is_refused_at_start_naming_the_line(tokenizer, tmp_path, case, lazy):
+    line, problem = BAD_LINES[case]
+    path = tmp_path / "train.jsonl"
+    path.write_text(GOOD_LINE + "\n" + line + "\n", encoding="utf-8")
+    dataset_class = finetune.LazySupervisedDataset if lazy else finetune.SupervisedDataset
+    with pytest.raises(finetune.DataError) as error:
+        dataset_class(str(path), make_encoder(tokenizer))
+    assert str(error.value).startswith(f"{path} line 2") and problem in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_a_latin1_byte_in_a_json_array_names_its_line(tokenizer, tmp_path, bom):
+    path = tmp_path / "train.json"
+    path.write_bytes(bom + b'[\n' + GOOD_LINE.encode() + b',\n{"messages": [{"role": "user", "content": "caf\xe9"}]}\n]')
+    with pytest.raises(finetune.DataError, match=r"train.json line 3: not UTF-8 \(byte 0xe9\)"):
+        finetune.SupervisedDataset(str(path), make_encoder(tokenizer))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Datasets and collator
 # ---------------------------------------------------------------------------------------------------------
@@ -290,11 +365,44 @@ def test_the_preview_holds_out_the_validation_samples_training_holds_out(tokeniz
     printed = capsys.readouterr().out
     assert "3 samples are held out for evaluation (--val_size)" in printed and "samples kept: 7" in printed
     dumped = [json.loads(line)["input_ids"] for line in open(out / "tokenized_train.jsonl")]
-    dataset = finetune.make_dataset(finetune.resolve_sources([path]), make_encoder(tokenizer), finetune.DataArguments(data_path=path,
+    dataset = dataset_of([path], make_encoder(tokenizer), finetune.DataArguments(data_path=path,
                                                                                             data_cache_dir="none"))
     train, held_out = finetune.split_off_validation(dataset, 0.3, seed=7)
     assert dumped == [train[i]["input_ids"] for i in range(len(train))]  # what training trains, none held out
     assert not set(map(tuple, dumped)) & {tuple(held_out[i]["input_ids"]) for i in range(len(held_out))}
+
+
+def test_empty_assistant_messages_are_counted_in_the_report(tokenizer, tmp_path, caplog):
+    empty = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}]}
+    path = write_jsonl(tmp_path / "e.jsonl", [GOOD, empty, empty])
+    for lazy in (False, True):
+        with caplog.at_level(logging.WARNING, logger="finetune"):
+            dataset = dataset_of(path, make_encoder(tokenizer), finetune.DataArguments(
+                data_path=path, lazy_preprocess=lazy, data_cache_dir=str(tmp_path / "cache")))
+        assert dataset.empty_assistant == 2 and len(dataset) == 3
+        assert f"{path}: 2 sample(s) with an empty assistant message" in caplog.text
+    assert "notice: 2 sample(s) with an empty assistant message" in finetune.describe_dataset(
+        finetune.SupervisedDataset(path, make_encoder(tokenizer)))
+
+
+def test_length_histogram_shows_what_truncation_cuts():
+    text = finetune.length_histogram([10, 20, 70, 300, 900], model_max_length=256, rows=4)
+    lines = text.splitlines()
+    assert lines[0].endswith("--model_max_length 256:")
+    assert lines[1].split()[0] == "1-64" and lines[1].split()[-1] == "2"
+    assert lines[-1].split()[:2] == [">", "256"] and lines[-1].endswith("2  <- cut to model_max_length")
+
+
+def test_val_size_holds_out_the_same_samples_for_the_same_seed(tokenizer, tmp_path):
+    from helpers import make_encoder
+
+    dataset = finetune.SupervisedDataset(DATA, make_encoder(tokenizer))
+    train, held_out = finetune.split_off_validation(dataset, 0.25, seed=3)
+    assert (len(train), len(held_out)) == (6, 2) and not set(train.indices) & set(held_out.indices)
+    assert finetune.split_off_validation(dataset, 0.25, seed=3)[1].indices == held_out.indices
+    assert list(train.group_lengths) == [dataset.group_lengths[i] for i in train.indices]
+    with pytest.raises(finetune.UserError, match="leaves no training or no validation sample"):
+        finetune.split_off_validation(dataset, 8, seed=3)
 
 
 @pytest.mark.parametrize("val_size", ["0", "0.3"])

@@ -3,19 +3,16 @@
 Marked `distributed` (and e2e): each test starts 2 processes, 20-40 s on 2 cores; the first DeepSpeed run on a
 fresh machine also compiles DeepSpeed's shared-memory op (about a minute, cached in ~/.cache/torch_extensions).
 """
-import json
 import math
 import os
 import shutil
 
 import pytest
 import torch
-import transformers
-from conftest import ROOT, log_history, run_cli
-from safetensors.torch import load_file
 from fp32 import assert_fp32_close
-from test_e2e import DATA, assert_adapter_changes_logits, assert_resumed_run_matches, assert_success, base_model, \
-    tokens_per_step, train_losses
+from helpers import (DATA, ROOT, assert_adapter_changes_logits, assert_resumed_run_matches, assert_success, base_model,
+                     log_history, run_cli, tokens_per_step, torchrun, train_losses, zero3_config)
+from safetensors.torch import load_file
 
 from finetune import free_port
 
@@ -24,21 +21,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
 RUN = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--logging_steps", "1",
        "--seed", "0", "--save_strategy", "no"]
 LORA = ["--use_lora", "true", "--lora_r", "8", "--lora_alpha", "16"]
-
-
-def torchrun(*args):
-    return ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()),
-            os.path.join(ROOT, "finetune.py"), *args]
-
-
-def zero3_config(tmp_path):
-    """The shipped ZeRO-3 config with nothing kept whole: tiny LoRA matrices must really be partitioned."""
-    with open(os.path.join(ROOT, "ds_config_zero3.json")) as f:
-        config = json.load(f)
-    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = tmp_path / "zero3_partition_everything.json"
-    path.write_text(json.dumps(config))
-    return str(path)
 
 
 def adapter_tensors(folder):
@@ -149,7 +131,7 @@ def test_zero3_full_finetune_saves_a_model_that_reloads_with_trained_weights(tin
 def test_two_nodes_on_one_machine_train_together_and_write_one_output(tiny_qwen2, tmp_path):
     import subprocess
 
-    from conftest import CHILD_ENV
+    from helpers import CHILD_ENV
 
     out = str(tmp_path / "two_nodes")
     env = {**CHILD_ENV, "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",

@@ -1,55 +1,24 @@
-"""End-to-end runs as a user starts them: finetune.py and the launchers in a subprocess, on tiny random Qwen models.
+"""End-to-end runs as a user starts them, on tiny random Qwen models: the launchers, examples/chat.py and the demo in
+a subprocess; finetune.py's own command lines through finetune.main() in this process (helpers.run_in_process: the
+same exit status, stdout and stderr, without a new interpreter's start-up).
 
-Marked e2e (each run costs 10-20 s on 2 CPU cores): `pytest -m "not e2e"` skips them, `pytest -m e2e` runs only them.
+Marked e2e (each run costs 5-20 s on 2 CPU cores): `pytest -m "not e2e"` skips them, `pytest -m e2e` runs only them.
 """
 import json
 import os
-import shutil
 import sys
 
 import pytest
 import torch
 import transformers
-from conftest import ROOT, log_history, run_cli, run_finetune, write_jsonl
-from fp32 import assert_changed_beyond_rounding, assert_fp32_close, backward_depth, forward_depth
+from fp32 import assert_changed_beyond_rounding, assert_fp32_close, forward_depth
+from helpers import (AGENT_DATA, DATA, LORA, PROMPT, SHORT_RUN, assert_adapter_changes_logits, assert_success,
+                     base_model, log_history, logits_of, run_cli, run_in_process, train_losses, write_jsonl)
 from reference_labels import IGNORE, reference_ids_and_labels, template_ids_and_labels, template_messages
 from safetensors.torch import load_file
-
 from tiny_qwen import qwen_tokenizer_dir
 
 pytestmark = pytest.mark.e2e
-
-DATA = os.path.join(ROOT, "examples", "data.jsonl")
-AGENT_DATA = os.path.join(ROOT, "examples", "data_agent.jsonl")  # reasoning, tools, tool calls
-SHORT_RUN = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--logging_steps", "1",
-             "--seed", "0"]
-LORA = ["--lora_r", "16", "--lora_alpha", "32"]
-
-
-def assert_success(result):
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-
-
-def train_losses(output_dir):
-    return [entry["loss"] for entry in log_history(output_dir) if "loss" in entry]
-
-
-def tokens_per_step(output_dir):
-    """The most real tokens one optimizer step saw (from the logged running count)."""
-    seen = [0] + [entry["num_input_tokens_seen"] for entry in log_history(output_dir) if "loss" in entry]
-    return max(b - a for a, b in zip(seen, seen[1:]))
-
-
-def assert_resumed_run_matches(resumed, whole, replayed_steps, weights_file):
-    """A resumed run repeats the uninterrupted run's last steps: the same sums, which may only round otherwise
-    (another memory alignment, another thread split): each replayed step's gradient once more."""
-    tokens = tokens_per_step(whole)
-    assert_fp32_close(train_losses(resumed), train_losses(whole), tokens, "losses")  # each a sum over a step
-    expected = load_file(os.path.join(whole, weights_file))
-    got = load_file(os.path.join(resumed, weights_file))
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert_fp32_close(got[key], expected[key], backward_depth(tokens) * replayed_steps, key)
 
 
 def assert_loss_falls(output_dir):
@@ -57,28 +26,6 @@ def assert_loss_falls(output_dir):
     assert len(losses) >= 8
     first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
     assert last < first - 0.05, losses
-
-
-PROMPT = "<|im_start|>user\nWhat is 12 times 13?<|im_end|>\n<|im_start|>assistant\n"
-
-
-def logits_of(model, tokenizer):
-    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def assert_adapter_changes_logits(base_path, adapter_dir):
-    import peft
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(adapter_dir)
-    before = logits_of(base_model(base_path), tokenizer)
-    after = logits_of(peft.PeftModel.from_pretrained(base_model(base_path), adapter_dir), tokenizer)
-    assert_changed_beyond_rounding(after, before, forward_depth(len(tokenizer(PROMPT)["input_ids"])), "logits")
-
-
-def base_model(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
 def assert_adapter_changes_the_model(base_path, adapter_dir):
@@ -92,9 +39,9 @@ def assert_adapter_changes_the_model(base_path, adapter_dir):
 
 def test_full_finetune_of_qwen3_with_packing_writes_a_model_that_reloads_with_trained_weights(tiny_qwen3, tmp_path):
     out = str(tmp_path / "full")
-    result = run_finetune(["--model_name_or_path", tiny_qwen3, "--data_path", DATA, "--eval_data_path", AGENT_DATA,
-                           "--output_dir", out, "--max_steps", "12", "--learning_rate", "3e-3",
-                           "--save_strategy", "no", "--packing", "true", *SHORT_RUN])
+    result = run_in_process(["--model_name_or_path", tiny_qwen3, "--data_path", DATA, "--eval_data_path", AGENT_DATA,
+                             "--output_dir", out, "--max_steps", "12", "--learning_rate", "3e-3",
+                             "--save_strategy", "no", "--packing", "true", *SHORT_RUN])
     assert_success(result)
     assert_loss_falls(out)
     assert any("eval_loss" in entry for entry in log_history(out))
@@ -132,9 +79,9 @@ def config_of(folder):
 def test_full_finetune_of_qwen3_5_with_packing_keeps_the_checkpoints_class_config_and_vision_tower(
         tiny_qwen3_5, tmp_path):
     out = str(tmp_path / "full")
-    result = run_finetune(["--model_name_or_path", tiny_qwen3_5, "--data_path", DATA, AGENT_DATA, "--output_dir", out,
-                           "--max_steps", "10", "--learning_rate", "3e-3", "--save_strategy", "no",
-                           "--packing", "true", *SHORT_RUN])
+    result = run_in_process(["--model_name_or_path", tiny_qwen3_5, "--data_path", DATA, AGENT_DATA, "--output_dir", out,
+                             "--max_steps", "10", "--learning_rate", "3e-3", "--save_strategy", "no",
+                             "--packing", "true", *SHORT_RUN])
     assert_success(result)
     assert "parameters outside it (the vision tower) are frozen" in result.stderr
     assert_loss_falls(out)
@@ -158,10 +105,10 @@ def test_qwen3_5_lora_adapter_loads_onto_the_checkpoints_class_merges_and_answer
     import merge_adapter
 
     out = str(tmp_path / "lora")
-    result = run_finetune(["--model_name_or_path", tiny_qwen3_5, "--data_path", AGENT_DATA, "--output_dir", out,
-                           "--use_lora", "true", "--max_steps", "6", "--learning_rate", "1e-2", "--save_strategy",
-                           "no", "--packing", "true", "--rope_scaling", "2",
-                           "--chat_template_kwargs", '{"preserve_thinking": true}', *LORA, *SHORT_RUN])
+    result = run_in_process(["--model_name_or_path", tiny_qwen3_5, "--data_path", AGENT_DATA, "--output_dir", out,
+                             "--use_lora", "true", "--max_steps", "6", "--learning_rate", "1e-2", "--save_strategy",
+                             "no", "--packing", "true", "--rope_scaling", "2",
+                             "--chat_template_kwargs", '{"preserve_thinking": true}', *LORA, *SHORT_RUN])
     assert_success(result)
     saved = load_file(os.path.join(out, "adapter_model.safetensors"))
     # The keys of the checkpoint's own class, which vLLM maps onto its language model: 3 linear-attention layers of 6
@@ -226,25 +173,6 @@ def test_finetune_qlora_sh_writes_an_adapter_that_loads_on_the_full_precision_ba
     assert_adapter_changes_the_model(tiny_qwen2, out)
 
 
-def test_lora_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_ends(tiny_qwen2, tmp_path):
-    def run(out, *extra):
-        return run_finetune(["--model_name_or_path", tiny_qwen2, "--data_path", DATA, "--output_dir", out,
-                             "--use_lora", "true", "--max_steps", "6", "--save_steps", "3", "--learning_rate", "1e-2",
-                             *LORA, *SHORT_RUN, *extra])
-
-    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
-    assert_success(run(whole))
-    shutil.copytree(os.path.join(whole, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
-    result = run(resumed, "--resume_from_checkpoint", "true")
-    assert_success(result)
-    assert "resuming from" in result.stderr and "checkpoint-3" in result.stderr
-    # The resumed run carries the checkpoint's history (steps 1-3) and logs the same losses for steps 4-6.
-    assert len(train_losses(resumed)) == 6
-    assert_resumed_run_matches(resumed, whole, 3, "adapter_model.safetensors")
-    got = load_file(os.path.join(resumed, "adapter_model.safetensors"))
-    assert any("lora_B" in key and got[key].abs().sum() > 0 for key in got)  # the adapter did train
-
-
 def test_preprocess_only_loads_no_model_and_dumps_exactly_the_label_rule(tmp_path):
     conversations = [
         [{"role": "user", "content": "Quelle heure est-il ?"}, {"role": "assistant", "content": "Il est midi. ⏰"},
@@ -256,9 +184,9 @@ def test_preprocess_only_loads_no_model_and_dumps_exactly_the_label_rule(tmp_pat
     data = write_jsonl(tmp_path / "new.jsonl", [{"messages": c} for c in conversations])
     out = str(tmp_path / "preview")
     # The model folder holds only a tokenizer: loading any model would fail.
-    result = run_finetune(["--model_name_or_path", qwen_tokenizer_dir(), "--data_path", data, "--output_dir", out,
-                           "--preprocess_only", "true", "--system_message", "Be kind.", "--model_max_length", "256",
-                           "--template", "chatml"])
+    result = run_in_process(["--model_name_or_path", qwen_tokenizer_dir(), "--data_path", data, "--output_dir", out,
+                             "--preprocess_only", "true", "--system_message", "Be kind.", "--model_max_length", "256",
+                             "--template", "chatml"])
     assert_success(result)
     assert "samples kept: 2" in result.stdout and "1 with no trained token within --model_max_length" in result.stdout
     assert "⟦Il est midi. ⏰<|im_end|>⟧" in result.stdout
@@ -277,8 +205,8 @@ def test_preprocess_only_loads_no_model_and_dumps_exactly_the_label_rule(tmp_pat
 
 def test_preprocess_only_with_the_models_template_dumps_reasoning_and_tool_calls_by_the_rule(tmp_path):
     out = str(tmp_path / "preview")
-    result = run_finetune(["--model_name_or_path", qwen_tokenizer_dir(), "--data_path", AGENT_DATA,
-                           "--output_dir", out, "--preprocess_only", "true"])  # --template auto is the default
+    result = run_in_process(["--model_name_or_path", qwen_tokenizer_dir(), "--data_path", AGENT_DATA,
+                             "--output_dir", out, "--preprocess_only", "true"])  # --template auto is the default
     assert_success(result)
     assert "the model's own chat template" in result.stderr
     assert "⟦<think>\nThe user wants today's weather in Lisbon" in result.stdout
@@ -312,8 +240,8 @@ def test_data_errors_end_with_one_line_and_no_traceback(tmp_path, case, tiny_qwe
     if case == "bad json line":  # through the launcher, as users start runs
         result = run_cli(["bash", "finetune_lora.sh", "-m", model, "-d", str(data), "-o", str(tmp_path / "o")])
     else:
-        result = run_finetune(["--model_name_or_path", model, "--data_path", str(data), "--output_dir",
-                               str(tmp_path / "o")])
+        result = run_in_process(["--model_name_or_path", model, "--data_path", str(data), "--output_dir",
+                                 str(tmp_path / "o")])
     assert result.returncode == 2
     assert "Traceback" not in result.stderr + result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -3,14 +3,12 @@ loss_weight, and LLaMA-Factory's dataset_info.json entries with their columns an
 exact ids and labels against the independent labeller in reference_labels.py (through the equivalent sample in the
 OpenAI form, rendered by apply_chat_template)."""
 import json
-import logging
 import os
 
 import pytest
-from conftest import make_encoder, write_json, write_jsonl
+from helpers import (WEATHER_TOOL, dataset_of, encode, make_encoder, trained_runs, with_template, write_json,
+                     write_jsonl, write_parquet)
 from reference_labels import official_template, reference_ids_and_labels, template_ids_and_labels, template_messages
-from test_sources import write_parquet
-from test_template import WEATHER_TOOL, encode, trained_runs, with_template
 from tiny_qwen import qwen_tokenizer_dir
 
 import finetune
@@ -174,7 +172,7 @@ def test_dataset_info_entries_train_as_llama_factory_renders_them(tokenizer, tmp
     encoder = make_encoder(tokenizer, template="auto", system_message=None)
     args = finetune.DataArguments(data_path="unused", data_cache_dir=str(tmp_path / "cache"))
     info = llama_factory / "dataset_info.json"
-    dataset = finetune.make_dataset(finetune.resolve_sources([f"{info}:qa#1", f"{llama_factory}:plain", f"{info}:dialogs"]), encoder, args)
+    dataset = dataset_of([f"{info}:qa#1", f"{llama_factory}:plain", f"{info}:dialogs"], encoder, args)
     examples = [dataset[i] for i in range(len(dataset))]
     assert len(examples) == 1 + 3 + 1  # #1 of qa; num_samples 3 of plain (its one sample three times); dialogs
     # The alpaca entry through its columns: the 'system' key the entry does not name is left out, as LLaMA-Factory does.

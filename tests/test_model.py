@@ -1,24 +1,20 @@
-"""Model loading in-process: LoRA targets, bias modes, starting from an adapter, 4-bit QLoRA, resume resolution."""
+"""Model loading in-process: model folders that cannot load, LoRA targets, bias modes, starting from an adapter,
+4-bit QLoRA; and merging an adapter into its base (merge_adapter.py)."""
+import json
 import os
+import shutil
 
 import pytest
 import torch
+import transformers
+from fp32 import assert_fp32_close, forward_depth
+from helpers import PROMPT, logits_of, lora_args, training_args
 from safetensors.torch import load_file
 
 import finetune
-from conftest import fake_checkpoint
+import merge_adapter
 
 QWEN_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-
-
-def training_args(tmp_path, **kwargs):
-    return finetune.TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", **kwargs)
-
-
-def lora_args(**kwargs):
-    args = finetune.LoraArguments(use_lora=True, lora_r=4, lora_alpha=8, **kwargs)
-    finetune.check_arguments(finetune.DataArguments(data_path="unused"), finetune.TrainingArguments(output_dir="x"), args)
-    return args
 
 
 def load(model_dir, tmp_path, **lora_kwargs):
@@ -141,11 +137,69 @@ def test_qlora_quantizes_the_projections_and_leaves_the_gates_in_full_precision(
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
 
 
-def test_resume_true_takes_the_newest_checkpoint(tmp_path):
-    args = training_args(tmp_path, resume_from_checkpoint="true")
-    with pytest.raises(finetune.UserError, match="no complete checkpoint-\\* folder"):
-        finetune.resolve_resume_checkpoint(args)
-    for step in (5, 10):
-        fake_checkpoint(tmp_path / "out" / f"checkpoint-{step}", step)
-    assert finetune.resolve_resume_checkpoint(args) == (str(tmp_path / "out" / "checkpoint-10"), None)
-    assert finetune.resolve_resume_checkpoint(training_args(tmp_path, resume_from_checkpoint="false")) == (None, None)
+@pytest.mark.parametrize("damage, problem", [
+    ("no weights", "no model weights (*.safetensors) in that folder"),
+    ("truncated weights", "model.safetensors is truncated"),
+    ("no config", "cannot load its config"),
+    ("unknown model type", "cannot load its config"),
+])
+def test_model_folders_that_cannot_load_are_one_line(tiny_qwen2, tmp_path, damage, problem):
+    model = shutil.copytree(tiny_qwen2, tmp_path / "model")
+    weights = model / "model.safetensors"
+    if damage == "no weights":
+        weights.unlink()
+    elif damage == "truncated weights":
+        os.truncate(weights, weights.stat().st_size // 2)
+    elif damage == "no config":
+        (model / "config.json").unlink()
+    else:
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "model_type": "qwen99"}))
+    with pytest.raises(finetune.UserError) as error:
+        finetune.check_model_files(finetune.ModelArguments(model_name_or_path=str(model)))
+    assert str(error.value).startswith(f"--model_name_or_path {model}: ") and problem in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("q_lora", [False, True])
+def test_merged_model_gives_the_logits_of_base_plus_adapter(tiny_qwen2, tmp_path, tokenizer, q_lora):
+    import peft
+
+    model = finetune.load_model(finetune.ModelArguments(model_name_or_path=tiny_qwen2), training_args(tmp_path),
+                                lora_args(q_lora=q_lora))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    adapter = str(tmp_path / "adapter")
+    model.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+
+    merged_dir = merge_adapter.merge(adapter, str(tmp_path / "merged"), base=tiny_qwen2, dtype="fp32")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert not any("lora" in name for name in merged.state_dict())
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    expected = logits_of(peft.PeftModel.from_pretrained(base, adapter), tokenizer)
+    # x(W + BA) against xW + (xA)B: the forward's sums, plus one over the adapter's rank, in another order.
+    depth = forward_depth(len(tokenizer(PROMPT)["input_ids"])) + 4
+    assert_fp32_close(logits_of(merged, tokenizer), expected, depth, "logits")
+    reloaded = transformers.AutoTokenizer.from_pretrained(merged_dir)
+    assert reloaded.chat_template == tokenizer.chat_template
+
+
+def test_merge_adapter_says_what_is_wrong_in_one_line(tmp_path, tiny_qwen2, capsys):
+    import merge_adapter
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"base_model_name_or_path": "nowhere"}')
+    cases = [(["--adapter", str(tmp_path / "missing")], f"{tmp_path / 'missing'}: no adapter_config.json"),
+             (["--adapter", str(tmp_path / "adapter"), "--base", str(tmp_path / "no_model")],
+              f"base model {tmp_path / 'no_model'}: cannot load its config"),
+             (["--adapter", str(tmp_path / "adapter"), "--base", str(tmp_path / "config_only")],
+              f"base model {tmp_path / 'config_only'}: cannot load it (")]
+    (tmp_path / "config_only").mkdir()
+    shutil.copy(os.path.join(tiny_qwen2, "config.json"), tmp_path / "config_only")
+    for flags, message in cases:
+        assert merge_adapter.main([*flags, "--output", str(tmp_path / "out")]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: ") and message in error and error.count("\n") == 1, error

@@ -1,18 +1,16 @@
 """Mixture-of-experts Qwen: LoRA on the experts with the default flags, the router's load-balancing loss in our loss
 (exactly the model's own on a batch, token-weighted across micro-batches, logged), flags that only fit MoE, and
 ZeRO-3 against DDP with tokens routed unevenly."""
-import json
 import logging
 import os
 
 import pytest
 import torch
 import transformers
-from conftest import log_history, make_encoder, run_cli, run_finetune, write_jsonl
 from fp32 import assert_changed_beyond_rounding, assert_fp32_close, backward_depth, forward_depth
+from helpers import (AGENT_DATA, DATA, LORA, PROMPT, SHORT_RUN, assert_success, log_history, logits_of, make_encoder,
+                     run_cli, training_args, write_jsonl)
 from safetensors.torch import load_file
-from test_e2e import AGENT_DATA, DATA, LORA, PROMPT, SHORT_RUN, assert_success, logits_of, train_losses
-from test_model import training_args
 
 import finetune
 
@@ -165,7 +163,7 @@ def tokens_per_expert(model, input_ids):
 
 
 def torchrun(*args):
-    from test_distributed import torchrun as two_processes
+    from helpers import torchrun as two_processes
 
     return run_cli(two_processes(*args))
 
@@ -174,7 +172,7 @@ def torchrun(*args):
 @pytest.mark.distributed
 @pytest.mark.parametrize("arch, kind", [("qwen3_5_moe", "lora"), ("qwen3_moe", "full")])
 def test_zero3_trains_a_moe_as_ddp_does_with_tokens_routed_unevenly(arch, kind, tiny_models, tmp_path, tokenizer):
-    from test_distributed import zero3_config
+    from helpers import zero3_config
 
     model_dir = tiny_models(arch)
     base = finetune.model_class(transformers.AutoConfig.from_pretrained(model_dir)).from_pretrained(model_dir)

@@ -17,12 +17,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-from conftest import ROOT, log_history, run_cli, write_jsonl
 from fp32 import assert_changed_beyond_rounding, assert_fp32_close, backward_depth, forward_depth
+from helpers import (PROMPT, ROOT, assert_adapter_changes_logits, assert_resumed_run_matches, assert_success,
+                     base_model, log_history, logits_of, run_cli, run_in_process, torchrun, train_losses, write_jsonl,
+                     zero3_config)
 from safetensors.torch import load_file
-from test_distributed import torchrun, zero3_config
-from test_e2e import PROMPT, assert_adapter_changes_logits, assert_resumed_run_matches, assert_success, base_model, \
-    logits_of, train_losses
 
 import finetune
 from finetune import IGNORE_INDEX, UserError
@@ -114,8 +113,13 @@ def finetune_file(name):
 
 
 def run(launch, out, *args):
-    command = torchrun(*args) if launch == "torchrun" else [sys.executable, finetune_file("finetune.py"), *args]
-    result = run_cli(command)
+    """launch: "torchrun" (2 processes), "python" (one process of its own: --deepspeed starts torch.distributed even
+    on one) or "in-process" (finetune.main in this process)."""
+    if launch == "in-process":
+        result = run_in_process(args)
+    else:
+        command = torchrun(*args) if launch == "torchrun" else [sys.executable, finetune_file("finetune.py"), *args]
+        result = run_cli(command)
     assert_success(result)
     return out
 
@@ -268,9 +272,9 @@ def test_rope_scaling_stretches_positions_with_yarn_in_the_saved_model_and_besid
 
     common = ["--model_name_or_path", tiny_qwen2, "--data_path", os.path.join(ROOT, "examples", "data.jsonl"),
               "--max_steps", "1", "--save_strategy", "no", "--rope_scaling", "4"]
-    full = run("python", str(tmp_path / "full"), "--output_dir", str(tmp_path / "full"), *common)
-    lora = run("python", str(tmp_path / "lora"), "--output_dir", str(tmp_path / "lora"), *common, "--use_lora", "true",
-               "--rope_native_length", "2048")
+    full = run("in-process", str(tmp_path / "full"), "--output_dir", str(tmp_path / "full"), *common)
+    lora = run("in-process", str(tmp_path / "lora"), "--output_dir", str(tmp_path / "lora"), *common,
+               "--use_lora", "true", "--rope_native_length", "2048")
     merged = merge_adapter.merge(lora, str(tmp_path / "merged"), dtype="fp32")
     for out, native in ((full, base_model(tiny_qwen2).config.max_position_embeddings), (merged, 2048)):
         model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)

@@ -1,5 +1,5 @@
-"""Several data sources (JSON Lines, Parquet, folders, globs, dataset ids), mixing by count or fraction, and runs
-described in a config file."""
+"""Several data sources (JSON Lines, Parquet, folders, globs, dataset ids), mixing by count or fraction, and the
+launcher running an example config file over them (config files themselves: test_config.py)."""
 import collections
 import glob
 import json
@@ -8,9 +8,8 @@ import os
 import shutil
 
 import pytest
-from conftest import ROOT, make_encoder, run_cli, write_jsonl
-from test_e2e import assert_success, train_losses
-from test_model import training_args
+from helpers import (ROOT, assert_success, dataset_of, make_encoder, run_cli, train_losses, training_args,
+                     write_jsonl, write_parquet)
 
 import finetune
 
@@ -23,15 +22,6 @@ def conversation(name, tools=False):
         messages[1:1] = [{"role": "assistant", "content": None, "tool_calls": [call]},
                          {"role": "tool", "content": f"facts about {name}"}]
     return {"messages": messages}
-
-
-def write_parquet(path, samples):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    columns = list(dict.fromkeys(key for sample in samples for key in sample))  # a table has every column
-    pq.write_table(pa.table({key: [sample.get(key) for sample in samples] for key in columns}), path)
-    return str(path)
 
 
 def data_args(tmp_path, **kwargs):
@@ -62,7 +52,7 @@ def three_sources(tmp_path):
 def test_sources_mixed_by_count_and_fraction_are_exact_and_follow_the_seed(tokenizer, tmp_path, three_sources):
     samples, specs = three_sources
     encoder = make_encoder(tokenizer)
-    dataset = finetune.make_dataset(finetune.resolve_sources(specs), encoder, data_args(tmp_path), seed=1)
+    dataset = dataset_of(specs, encoder, data_args(tmp_path), seed=1)
     taken = collections.Counter(names_of(dataset, encoder, samples))
     assert len(dataset) == 25 + 4 + 6
     assert sorted(taken[f"A{i}"] for i in range(10)) == [2] * 5 + [3] * 5  # 25 of 10: every one twice, 5 again
@@ -71,9 +61,9 @@ def test_sources_mixed_by_count_and_fraction_are_exact_and_follow_the_seed(token
     assert dataset.reports[0] == f"{specs[0]}: 10 read, 10 kept, 0 dropped, 25 taken"
     assert dataset.reports[1] == f"{specs[1]}: 8 read, 8 kept, 0 dropped, 4 taken"
 
-    again = finetune.make_dataset(finetune.resolve_sources(specs), encoder, data_args(tmp_path), seed=1)
+    again = dataset_of(specs, encoder, data_args(tmp_path), seed=1)
     assert names_of(again, encoder, samples) == names_of(dataset, encoder, samples)  # every rank, every start
-    others = [names_of(finetune.make_dataset(finetune.resolve_sources(specs), encoder, data_args(tmp_path), seed=seed), encoder, samples)
+    others = [names_of(dataset_of(specs, encoder, data_args(tmp_path), seed=seed), encoder, samples)
               for seed in (2, 3, 4)]
     assert any(other != names_of(dataset, encoder, samples) for other in others)
     def fingerprint(seed, **flags):  # what a checkpoint records: resume knows the mix and what cuts samples
@@ -121,11 +111,11 @@ def test_a_dataset_id_loads_offline_from_the_local_cache_and_a_missing_one_is_on
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     encoder = make_encoder(tokenizer)
-    dataset = finetune.make_dataset(finetune.resolve_sources(["acme/sea-chat:train"]), encoder, data_args(tmp_path))
+    dataset = dataset_of(["acme/sea-chat:train"], encoder, data_args(tmp_path))
     expected = finetune.SupervisedDataset(write_jsonl(tmp_path / "h.jsonl", samples), encoder)
     assert [dataset[i] for i in range(len(dataset))] == [expected[i] for i in range(4)]
     with pytest.raises(finetune.DataError) as error:
-        finetune.make_dataset(finetune.resolve_sources(["acme/not-here"]), encoder, data_args(tmp_path))
+        dataset_of(["acme/not-here"], encoder, data_args(tmp_path))
     assert str(error.value).startswith("acme/not-here: cannot load this dataset: ")
     assert "offline, only a dataset already in the local datasets cache loads" in str(error.value)
     assert "\n" not in str(error.value)
@@ -137,40 +127,15 @@ def test_bad_rows_and_empty_sources_are_one_line_errors(tokenizer, tmp_path):
     table = write_parquet(tmp_path / "tools.parquet", rows)
     for workers in (1, 2):
         with pytest.raises(finetune.DataError, match=r"^.*tools.parquet row 2: message 1 has no 'content'"):
-            finetune.make_dataset(finetune.resolve_sources([table]), make_encoder(tokenizer), data_args(tmp_path,
+            dataset_of([table], make_encoder(tokenizer), data_args(tmp_path,
                                                                               preprocessing_num_workers=workers))
     with pytest.raises(finetune.DataError, match="nothing-here-\\*.jsonl: matches no file"):
-        finetune.make_dataset(finetune.resolve_sources([str(tmp_path / "nothing-here-*.jsonl")]), make_encoder(tokenizer), data_args(tmp_path))
+        dataset_of([str(tmp_path / "nothing-here-*.jsonl")], make_encoder(tokenizer), data_args(tmp_path))
     os.makedirs(tmp_path / "empty")
     with pytest.raises(finetune.DataError, match="empty: a folder without .json, .jsonl or .parquet files"):
-        finetune.make_dataset(finetune.resolve_sources([str(tmp_path / "empty")]), make_encoder(tokenizer), data_args(tmp_path))
+        dataset_of([str(tmp_path / "empty")], make_encoder(tokenizer), data_args(tmp_path))
     with pytest.raises(finetune.UserError, match="the amount after '#' must be positive"):
         finetune.parse_sources([f"{table}#0"])
-
-
-def test_a_config_file_with_command_line_overrides_and_unknown_keys(tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text("data_path: a.jsonl, b.parquet#0.5\noutput_dir: " + str(tmp_path / "out") + "\n"
-                      "learning_rate: 2.0e-4\nuse_lora: true\nlora_r: 32\nlora_target_modules: [q_proj, v_proj]\n"
-                      "use_cpu: true\npacking: true\nchat_template_kwargs: {preserve_thinking: true}\n")
-    model, data, training, lora = finetune.parse_arguments([str(config), "--lora_r", "8"])
-    assert data.data_path == ["a.jsonl", "b.parquet#0.5"]
-    assert data.chat_template_kwargs == {"preserve_thinking": True}  # a mapping, as the template takes it
-    assert training.learning_rate == 2e-4 and training.packing and lora.use_lora
-    assert lora.lora_r == 8 and lora.lora_target_modules == ["q_proj", "v_proj"]  # the command line wins
-    # --config anywhere: the flags before it are defaults it overrides (what the launchers do).
-    _, _, training, lora = finetune.parse_arguments(["--lora_r", "4", "--learning_rate", "1e-3", "--config",
-                                                     str(config), "--learning_rate", "5e-5"])
-    assert lora.lora_r == 32 and training.learning_rate == 5e-5
-    as_json = tmp_path / "run.json"
-    as_json.write_text(json.dumps({"data_path": "a.jsonl", "output_dir": str(tmp_path / "o"), "use_cpu": True}))
-    assert finetune.parse_arguments([str(as_json)])[1].data_path == ["a.jsonl"]
-    (tmp_path / "typo.yaml").write_text("data_path: a.jsonl\nlearning_rat: 1e-4\n")
-    with pytest.raises(finetune.UserError, match=f"{tmp_path / 'typo.yaml'}: unknown key 'learning_rat'"):
-        finetune.parse_arguments([str(tmp_path / "typo.yaml")])
-    (tmp_path / "broken.yaml").write_text("data_path: [a.jsonl\n")
-    with pytest.raises(finetune.UserError, match="broken.yaml: not valid YAML"):
-        finetune.parse_arguments([str(tmp_path / "broken.yaml")])
 
 
 @pytest.mark.e2e
@@ -206,7 +171,7 @@ def test_a_glob_never_follows_a_link_loop_and_counts_each_real_file_once(tokeniz
     pattern = str(tmp_path / "data" / "**" / "*.jsonl")
     assert finetune.files_matching(pattern) == [str(tmp_path / "data" / "sub" / "a.jsonl")]
     with caplog.at_level(logging.INFO, logger="finetune"):
-        dataset = finetune.make_dataset(finetune.resolve_sources([pattern]), make_encoder(tokenizer), data_args(tmp_path))
+        dataset = dataset_of([pattern], make_encoder(tokenizer), data_args(tmp_path))
     assert len(dataset) == 3
     assert f"{pattern}: 3 read from 1 file(s), 3 kept" in caplog.text  # how many files the pattern matched
 
@@ -218,7 +183,7 @@ def test_amounts_that_cannot_be_taken_are_one_line(tokenizer, tmp_path):
         finetune.parse_sources([f"{path}#100000000000"])
     with pytest.raises(finetune.UserError, match=rf"--data_path {path}#0.01: that fraction of its 10 kept samples is "
                                                  "none; take a larger fraction or a count"):
-        finetune.make_dataset(finetune.resolve_sources([f"{path}#0.01"]), make_encoder(tokenizer), data_args(tmp_path))
+        dataset_of([f"{path}#0.01"], make_encoder(tokenizer), data_args(tmp_path))
     with pytest.raises(finetune.UserError, match=r"--seed must be in \[0, 2\^32\)"):
         finetune.parse_arguments(["--data_path", f"{path}#5", "--seed", "-1", "--output_dir", str(tmp_path)])
 
@@ -249,7 +214,7 @@ def test_every_name_of_one_file_counts_once_and_names_that_look_like_patterns_ar
 def test_a_fraction_above_one_is_bounded_like_a_count(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [conversation(f"A{i}") for i in range(10)])
     with pytest.raises(finetune.UserError, match=r"#50000000000000000.0: 500,000,000,000,000,000 samples would need"):
-        finetune.make_dataset(finetune.resolve_sources([f"{path}#50000000000000000.0"]), make_encoder(tokenizer), data_args(tmp_path))
+        dataset_of([f"{path}#50000000000000000.0"], make_encoder(tokenizer), data_args(tmp_path))
 
 
 def test_sources_are_resolved_once_with_each_files_format_and_trained_as_resolved(tokenizer, tmp_path, monkeypatch):
@@ -258,7 +223,7 @@ def test_sources_are_resolved_once_with_each_files_format_and_trained_as_resolve
     samples = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
                for i in range(9)]
     write_jsonl(folder / "a.jsonl", samples[:3])
-    from conftest import write_json
+    from helpers import write_json
 
     write_json(folder / "b.json", samples[3:6])
     write_parquet(folder / "c.parquet", samples[6:])
@@ -271,7 +236,7 @@ def test_sources_are_resolved_once_with_each_files_format_and_trained_as_resolve
     encoder = make_encoder(tokenizer)
     expected = [finetune.as_lists(encoder.encode([encoder.parse(sample, "x")])[0]) for sample in samples]
     for lazy in (False, True):
-        dataset = finetune.make_dataset(finetune.resolve_sources([source]), encoder, data_args(tmp_path, lazy_preprocess=lazy))
+        dataset = finetune.make_dataset([source], encoder, data_args(tmp_path, lazy_preprocess=lazy))
         assert [dataset[i] for i in range(len(dataset))] == expected
     assert finetune.sources_fingerprint([source], finetune.DataArguments(data_path=[str(folder)]),
                                         training_args(tmp_path)) != finetune.sources_fingerprint(

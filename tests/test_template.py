@@ -4,19 +4,14 @@ Each case checks finetune.py three ways: the ids equal the template's own tokens
 equal those of the independent labeller in reference_labels.py, and the trained runs decode to the exact text
 each assistant message should teach, written out by hand below.
 """
-import copy
 import json
 
 import pytest
-from conftest import write_json, write_jsonl
-from reference_labels import (IGNORE, QWEN25_STYLE_TEMPLATE, official_template, template_ids_and_labels,
-                              template_messages)
+from helpers import WEATHER_TOOL, encode, make_encoder, trained_runs, with_template, write_json, write_jsonl
+from reference_labels import QWEN25_STYLE_TEMPLATE, official_template, template_ids_and_labels, template_messages
 
 import finetune
 
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather now in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 NOTE_TOOL = {"name": "save_note", "description": "Keep a note.",
              "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}
 USER = {"role": "user", "content": "q"}
@@ -44,29 +39,6 @@ AGENT_MESSAGES = [
 
 
 PLAIN_CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-
-
-def with_template(tokenizer, chat_template):
-    other = copy.copy(tokenizer)
-    other.chat_template = chat_template
-    return other
-
-
-def encode(tokenizer, path, lazy=False, **kwargs):
-    encoder = finetune.ChatEncoder(tokenizer, kwargs.pop("model_max_length", 8192), **kwargs)
-    dataset = (finetune.LazySupervisedDataset if lazy else finetune.SupervisedDataset)(path, encoder)
-    return [dataset[i] for i in range(len(dataset))]
-
-
-def trained_runs(tokenizer, example):
-    runs, run = [], []
-    for label in example["labels"] + [IGNORE]:
-        if label != IGNORE:
-            run.append(label)
-        elif run:
-            runs.append(tokenizer.decode(run))
-            run = []
-    return runs
 
 
 def check_against_the_template(tokenizer, example, messages, tools=None, chat_template=None, objects=None,
@@ -384,3 +356,13 @@ def test_template_that_raises_is_reported_for_the_sample(tokenizer, tmp_path):
                                                             {"role": "assistant", "content": "a"}]}])
     with pytest.raises(finetune.DataError, match=r"line 1: the chat template cannot render it: .*no tools here"):
         encode(strict, path)
+
+
+def test_nan_in_tool_arguments_is_refused(tokenizer, tmp_path):
+    call = {"type": "function", "function": {"name": "f", "arguments": '{"x": NaN}'}}
+    path = write_jsonl(tmp_path / "t.jsonl", [{"messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "1"}, {"role": "assistant", "content": "done"}]}])
+    with pytest.raises(finetune.DataError, match="message 1 tool call 0 'arguments': not valid JSON "
+                                                 r"\(NaN is not a JSON value\)"):
+        finetune.SupervisedDataset(path, make_encoder(tokenizer, template="auto", system_message=None))

@@ -2,9 +2,8 @@
 import pytest
 import torch
 import transformers
-from conftest import make_encoder, write_jsonl
 from fp32 import assert_fp32_close, backward_depth, forward_depth
-from test_model import lora_args, training_args
+from helpers import lora_args, make_encoder, training_args, write_jsonl
 
 import finetune
 

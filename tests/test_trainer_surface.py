@@ -2,15 +2,13 @@
 still exist and still be called in a short run, so that a transformers upgrade that renames one fails here instead
 of silently in a user's run (a lost gradient-norm hook would hide a divergence)."""
 import collections
-import os
 
 import transformers
-from conftest import ROOT, make_encoder
+from helpers import DATA, make_encoder
 
 import finetune
 
 PRIVATE_HOOKS = ("_get_grad_norm", "_get_num_items_in_batch", "_get_train_sampler")
-DATA = os.path.join(ROOT, "examples", "data.jsonl")
 
 
 def test_the_private_trainer_surface_exists_and_is_called(tiny_qwen2, tokenizer, tmp_path, monkeypatch):

@@ -1,20 +1,20 @@
 """Watching a long run: progress of long waits, replies at each evaluation, early stopping with the best checkpoint
-kept, checkpoints on demand (SAVE_NOW, STOP_NOW), the model card, TensorBoard."""
+kept, loss and learning-rate curves, checkpoints on demand (SAVE_NOW, STOP_NOW), the model card, TensorBoard."""
 import glob
 import json
 import logging
 import math
 import os
 import types
+import warnings
 
 import pytest
 import torch
 import transformers
-from conftest import log_history, make_encoder, run_cli, run_finetune, write_jsonl
+from helpers import (DATA, assert_success, log_history, make_encoder, run_cli, run_in_process, torchrun, write_jsonl,
+                     zero3_config)
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
-from test_distributed import torchrun, zero3_config
-from test_e2e import DATA, assert_success
 
 import finetune
 
@@ -129,12 +129,12 @@ def test_early_stopping_keeps_the_best_checkpoint_past_the_save_limit_and_makes_
     evaluation, TensorBoard, the model card."""
     train, evaluation = yes_no_data(tmp_path)
     out = str(tmp_path / "out")
-    result = run_finetune(["--model_name_or_path", tiny_qwen3, "--data_path", train, "--eval_data_path", evaluation,
-                           "--output_dir", out, "--max_steps", "30", "--learning_rate", "3e-2",
-                           "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "0",
-                           "--eval_strategy", "steps", "--eval_steps", "1", "--save_steps", "1",
-                           "--save_total_limit", "2", "--early_stopping_patience", "2",
-                           "--eval_generations", "2", "--eval_max_new_tokens", "6", "--report_to", "tensorboard"])
+    result = run_in_process(["--model_name_or_path", tiny_qwen3, "--data_path", train, "--eval_data_path", evaluation,
+                             "--output_dir", out, "--max_steps", "30", "--learning_rate", "3e-2",
+                             "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "0",
+                             "--eval_strategy", "steps", "--eval_steps", "1", "--save_steps", "1",
+                             "--save_total_limit", "2", "--early_stopping_patience", "2",
+                             "--eval_generations", "2", "--eval_max_new_tokens", "6", "--report_to", "tensorboard"])
     assert_success(result)
     evals = [(e["step"], e["eval_loss"]) for e in log_history(out) if "eval_loss" in e]
     best_step, best_loss = min(evals, key=lambda e: e[1])
@@ -225,6 +225,21 @@ def test_the_model_card_names_a_hub_base_model_and_the_adapters_settings(tiny_qw
     assert "peft.PeftModel.from_pretrained(model, \"THIS_FOLDER_OR_REPO\")" in card.text
 
 
+def test_training_curves_are_drawn(tmp_path):
+    history = [{"step": s, "loss": 3.0 - s / 10, "learning_rate": 1e-3 * (1 - s / 10)} for s in range(1, 10)]
+    history += [{"step": 5, "eval_loss": 2.8}, {"step": 9, "eval_loss": 2.3}]
+    path = tmp_path / "curves.png"
+    finetune.plot_training_curves(history, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_a_run_too_short_to_log_a_loss_draws_its_curves_without_warnings(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        finetune.plot_training_curves([{"step": 1, "learning_rate": 1e-3}], str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def lora_run(model, data, out, *extra):
     return ["--model_name_or_path", model, "--data_path", data, "--output_dir", out, "--use_lora", "true",
             "--lora_r", "8", "--lora_alpha", "16", "--max_steps", "3", "--learning_rate", "1e-3",
@@ -237,12 +252,12 @@ def test_stop_now_saves_stops_with_exit_0_and_the_same_command_resumes(tiny_qwen
     os.makedirs(out)
     open(os.path.join(out, finetune.STOP_NOW), "w").close()  # there before the first step: answered at step 1
     command = lora_run(tiny_qwen3_5, DATA, out, "--chat_template_kwargs", '{"enable_thinking": false}')
-    stopped = run_finetune(command)
+    stopped = run_in_process(command)
     assert_success(stopped)
     assert f"stopped by STOP_NOW at step 1; the checkpoint is {os.path.join(out, 'checkpoint-1')}" in stopped.stderr
     assert sorted(os.listdir(out)) == [finetune.OUTPUT_LOCK, "checkpoint-1"]  # no result, the file answered
     assert finetune.checkpoint_problem(os.path.join(out, "checkpoint-1"), 1) is None
-    resumed = run_finetune(command)
+    resumed = run_in_process(command)
     assert_success(resumed)
     assert "resuming from" in resumed.stderr and log_history(out)[-1]["step"] == 3
     card = ModelCard.load(os.path.join(out, "README.md"))  # the adapter's card is ours, not peft's template
