@@ -26,8 +26,9 @@ The file reads top to bottom in the order a run happens:
   6. model          full precision, LoRA or 4-bit QLoRA
   7. training       the Trainer with a loss that skips masked positions (also across ranks that split a
                     sequence), throughput logs, callbacks that watch the run, a ZeRO-3-aware save
-  8. main           the run as a recipe (prepare, build, train, finish), and the one place where errors become
-                    a one-line message
+  8. main           the run as a recipe over a Run (the flags as parsed, never changed, and the sources):
+                    prepare -> decide_start (resume) -> build the datasets and the Trainer -> fit -> finish,
+                    or preview_data; and the one place where errors become a one-line message
 
 Label rule: only what the assistant says is trained (its reasoning, content and tool calls), plus the
 <|im_end|> that closes each assistant turn; an empty <think></think> block is not trained.
@@ -348,9 +349,9 @@ def parse_arguments(argv=None):
         raise UserError(" ".join(line.strip().removeprefix("- ") for line in str(e).splitlines())) from None
     check_arguments(data_args, training_args, lora_args)
     check_model_arguments(model_args)
-    check_distributed_setup(training_args, lora_args, model_args.attn_implementation)
-    # The last change: from here on the flags stay as parsed.
-    settle_distributed_settings(training_args, lora_args, model_args.attn_implementation)
+    check_distributed_setup(training_args, lora_args)
+    if not data_args.preprocess_only:  # the preview loads no model and splits nothing
+        check_sequence_parallelism(training_args, model_args.attn_implementation)
     return model_args, data_args, training_args, lora_args
 
 
@@ -701,6 +702,8 @@ def split_names(items):
 #    and which process speaks (rank, progress of long waits, one-line errors once per node).
 # ----------------------------------------------------------------------------------------------------------
 
+# -- who this process is, and who speaks
+
 def is_main_process():
     """Global rank 0 (torchrun and the deepspeed launcher both set RANK); True for a plain `python` run. The one
     test of "this is rank 0", except where the Trainer decides which process writes files (args.should_save,
@@ -800,6 +803,8 @@ def report_error(message):
         print(f"error (rank {process_rank()}): {message}", file=sys.stderr)
 
 
+# -- launching: the environment before torch.distributed starts, and what cannot work
+
 def prepare_launch_environment(argv):
     """Fill in what a launcher or a GPU would have provided, before TrainingArguments starts torch.distributed.
 
@@ -848,7 +853,7 @@ def deepspeed_zero_stage(training_args):
     return config.config.get("zero_optimization", {}).get("stage", 0) if training_args.deepspeed and config else None
 
 
-def check_distributed_setup(training_args, lora_args, attn_implementation):
+def check_distributed_setup(training_args, lora_args):
     """Stop at start-up, in one line, on a combination that cannot work or ranks that did not find each other."""
     if lora_args.q_lora and uses_zero3():
         raise UserError("--q_lora cannot be combined with ZeRO-3 here; use ds_config_zero2.json (or no --deepspeed)")
@@ -858,7 +863,6 @@ def check_distributed_setup(training_args, lora_args, attn_implementation):
             f"the launcher started {launched} processes but they did not join one group "
             f"(this one sees a world of {training_args.world_size}); check the launcher's variables"
         )
-    check_sequence_parallelism(training_args, attn_implementation)
 
 
 SEQUENCE_PARALLEL_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
@@ -908,15 +912,19 @@ def check_sequence_parallel_model(training_args, model_config):
                         f"divide the attention heads, and divide or be a multiple of the key/value heads")
 
 
-def settle_distributed_settings(training_args, lora_args, attn_implementation):
-    """What the launch decides in the Trainer's own arguments, set once while they are parsed: DDP told that a
-    LoRA run's frozen base has no gradients (by design), and sequence parallelism as the Trainer's
-    parallelism_config."""
-    if lora_args.use_lora and training_args.ddp_find_unused_parameters is None:
-        training_args.ddp_find_unused_parameters = False
+def with_distributed_settings(training_args, lora_args, attn_implementation):
+    """The Trainer's arguments with what the launch decides for DDP and DeepSpeed, in a copy (the parsed flags stay
+    as given): DDP told that a LoRA run's frozen base has no gradients (by design), and sequence parallelism as the
+    Trainer's parallelism_config."""
     n = training_args.sequence_parallel_size
+    lora_ddp = lora_args.use_lora and training_args.ddp_find_unused_parameters is None
+    if n == 1 and not lora_ddp:
+        return training_args
+    training_args = copy.copy(training_args)
+    if lora_ddp:
+        training_args.ddp_find_unused_parameters = False
     if n == 1:
-        return
+        return training_args
     from accelerate.parallelism_config import ParallelismConfig
     from accelerate.utils import DeepSpeedSequenceParallelConfig
 
@@ -926,7 +934,10 @@ def settle_distributed_settings(training_args, lora_args, attn_implementation):
                                                    sp_attn_implementation=attn_implementation or "sdpa"))
     log.info(f"sequence parallelism: every sequence split over {n} ranks, "
              f"{training_args.world_size // n} data-parallel group(s)")
+    return training_args
 
+
+# -- sequence parallelism in the Trainer
 
 def sequence_parallel_loss_weight(training_args):
     """What one rank's summed loss is multiplied by (before dividing by the step's trained tokens) for the reduced
@@ -979,6 +990,8 @@ def sequence_parallel_row_length(model_max_length):
     return model_max_length if torch.distributed.get_backend() == "gloo" else None
 
 
+# -- agreeing across ranks
+
 def in_process_group():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -1029,6 +1042,17 @@ def largest_on_any_rank(count, device):
     return int(tensor.item())
 
 
+def sum_over_ranks(values, device):
+    """Each of `values` summed over every rank (all ranks must call it together); as they are without a group."""
+    if not in_process_group():
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# -- ZeRO-3: parameters split over the ranks
+
 def weights_are_finite(model, device):
     """Whether every trainable weight is finite, on every rank. ZeRO-3: a rank holds only its partition."""
     finite = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in model.parameters() if p.requires_grad)
@@ -1074,15 +1098,6 @@ def without_zero3_init():
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
-def sum_over_ranks(values, device):
-    """Each of `values` summed over every rank (all ranks must call it together); as they are without a group."""
-    if not in_process_group():
-        return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(tensor)
-    return tensor.tolist()
 
 
 def whole_until_its_gradient_is_in(weight):
@@ -1369,49 +1384,6 @@ def same_model(a, b):
     return a.rstrip("/") == b.rstrip("/")
 
 
-def data_fingerprint(paths):
-    """A content hash of data files (or dataset ids): their bytes, in order (not names or dates). A checkpoint
-    records it, so that a resume on changed data is noticed; the tokenized cache names its entries by it."""
-    digest = hashlib.sha256()
-    for path in map(os.fspath, paths):
-        # A dataset id: the bytes of the files the datasets library keeps it in.
-        files = [f["filename"] for f in load_hub_dataset(path).cache_files] if path.startswith(HUB_PREFIX) else [path]
-        for file in files:
-            stat = os.stat(file)
-            digest.update(file_digest(file, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino).encode())
-    return digest.hexdigest()
-
-
-@functools.lru_cache(maxsize=None)
-def file_digest(path, size, mtime_ns, ctime_ns, inode):
-    """One file's content hash, read once per process (resume and the cache key both want it); the file's size,
-    dates and inode only tell whether this process has read this version already (a write changes its ctime,
-    whatever is done to its mtime)."""
-    digest = hashlib.sha256(f"{size}:".encode())  # where one file ends and the next begins
-    progress = Progress(f"reading {path}", total=-(-size >> 20), unit="MB",
-                        show=size > HASH_PROGRESS_BYTES and is_local_main_process())
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-            progress.update(progress.done + 1)
-    progress.close()
-    return digest.hexdigest()
-
-
-HASH_PROGRESS_BYTES = 1 << 30  # files this large show the progress of their hashing (a few seconds a GB)
-
-
-def sources_fingerprint(sources, data_args, training_args):
-    """What a run trains on: the content of every resolved source in order, what is taken from each (by --seed),
-    and the flags that decide which samples are kept and how they are cut (a resume skips batches by position)."""
-    takes = [source.take for source in sources]
-    selection = json.dumps([takes, training_args.seed if any(take is not None for take in takes) or
-                            data_args.val_size else None, data_args.val_size, data_args.template,
-                            data_args.system_message, data_args.chat_template_kwargs, data_args.mask_history,
-                            [source.mapping for source in sources], training_args.model_max_length])
-    return hashlib.sha256((data_fingerprint([p for s in sources for p in s.parts]) + selection).encode()).hexdigest()
-
-
 def recorded_fingerprint(folder):
     return recorded_run_facts(folder).get("fingerprint")
 
@@ -1578,7 +1550,8 @@ def set_aside_checkpoints(output_dir, checkpoint, recorded):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Data: read -> check -> render (chat template or ChatML) -> tokenize -> labels
+# 4. Data: sources resolved once -> read -> check -> render (chat template or ChatML) -> tokenize -> labels ->
+#    datasets (one protocol: TrainingData) -> collator
 # ----------------------------------------------------------------------------------------------------------
 
 DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."  # ChatML's system turn for samples without one
@@ -1624,13 +1597,19 @@ DATASET_ID = re.compile(r"[\w.-]+/[\w.-]+(:[\w.-]+)?")  # org/name, or org/name:
 
 @dataclass
 class Source:
-    """One --data_path entry: its files (or dataset id), and how many samples to take from them."""
+    """One --data_path (or --eval_data_path) entry: its files (or dataset id), and how many samples to take."""
 
     spec: str  # as given, e.g. "chat.jsonl#20000"
     parts: list  # file paths, or one HUB_PREFIX + dataset id
     take: Optional[float] = None  # None: every sample; an int: that many; a float: that fraction
     mapping: Optional[dict] = None  # a LLaMA-Factory entry's formatting, columns and tags (from_llama_factory)
-    formats: list = field(default_factory=list)  # each part's detect_format, filled by resolve_sources
+    flag: str = "--data_path"  # the flag it came from, for messages
+    kinds: list = field(default_factory=list)  # each part's format (detect_format's), filled by resolve_sources
+
+    @property
+    def where(self):
+        """How messages name it: the flag and the entry as given."""
+        return f"{self.flag} {self.spec}"
 
     @property
     def matched_files(self):
@@ -1640,34 +1619,34 @@ class Source:
         return len(self.parts) if pattern_or_folder else None
 
 
-def resolve_sources(specs):
+def resolve_sources(specs, flag="--data_path"):
     """--data_path (or --eval_data_path) resolved once, for the whole run: every pattern, folder and
     dataset_info.json entry expanded to its files, and each file's format detected (a missing, empty or unreadable
     file is its own one-line error here). Rank 0 resolves and every rank uses the result (agreed_by_all_ranks), so
     the resume fingerprint and the datasets read the same files in the same order."""
-    sources = parse_sources(split_names(specs))
+    sources = parse_sources(split_names(specs), flag)
     for source in sources:
-        source.formats = [detect_format(part) for part in source.parts]
+        source.kinds = [detect_format(part) for part in source.parts]
     return sources
 
 
-def parse_sources(specs):
+def parse_sources(specs, flag="--data_path"):
     """--data_path entries as Sources: files, folders (every .json, .jsonl and .parquet inside, in name order), glob
     patterns, dataset ids, LLaMA-Factory dataset_info.json entries (PATH:NAME); each with an optional #count or
     #fraction."""
     sources = []
     for spec in specs:
-        location, take = spec, None
+        location, take, where = spec, None, f"{flag} {spec}"
         head, _, amount = spec.rpartition("#")
         if head and re.fullmatch(r"\d+|\d*\.\d+|\d+\.", amount):
             location, take = head, float(amount) if "." in amount else int(amount)
-            check_amount(spec, take)
+            check_amount(where, take)
         location = os.path.expanduser(location)
         if entry := llama_factory_location(location):
-            parts, mapping, entry_take = llama_factory_source(*entry, spec)
-            sources.append(Source(spec, parts, take if take is not None else entry_take, mapping))
+            parts, mapping, entry_take = llama_factory_source(*entry, where)
+            sources.append(Source(spec, parts, take if take is not None else entry_take, mapping, flag))
         else:
-            sources.append(Source(spec, source_parts(location), take))
+            sources.append(Source(spec, source_parts(location), take, flag=flag))
     return sources
 
 
@@ -1675,21 +1654,21 @@ def parse_sources(specs):
 INDEX_BYTES_PER_SAMPLE = 48
 
 
-def check_amount(spec, take):
+def check_amount(where, take):
     """A #count or #fraction that can be taken: positive, and a count whose indices alone fit in the memory this
     process may use (a typo of a few zeros would otherwise allocate it all); a fraction is bounded once the number
     of samples it multiplies is known."""
     if take <= 0:
-        raise UserError(f"--data_path {spec}: the amount after '#' must be positive")
+        raise UserError(f"{where}: the amount after '#' must be positive")
     if isinstance(take, int):
-        check_sample_count(spec, take)
+        check_sample_count(where, take)
 
 
-def check_sample_count(spec, count):
+def check_sample_count(where, count):
     memory = usable_memory()
     if count * INDEX_BYTES_PER_SAMPLE > memory // 2:
-        raise UserError(f"--data_path {spec}: {count:,} samples would need {count * INDEX_BYTES_PER_SAMPLE / 2 ** 30:,.0f} "
-                        f"GiB for their indices alone, more than half of the {memory / 2 ** 30:.0f} GiB this job may use")
+        raise UserError(f"{where}: {count:,} samples would need {count * INDEX_BYTES_PER_SAMPLE / 2 ** 30:,.0f} GiB "
+                        f"for their indices alone, more than half of the {memory / 2 ** 30:.0f} GiB this job may use")
 
 
 def usable_memory():
@@ -1789,7 +1768,7 @@ def llama_factory_location(location):
     return (info, name) if os.path.isfile(info) and info.endswith(".json") else None
 
 
-def llama_factory_source(info_path, name, spec):
+def llama_factory_source(info_path, name, where):
     """(parts, sample mapping, #N) of a LLaMA-Factory dataset_info.json entry, read as LLaMA-Factory reads it: its
     file_name (or folder) beside the dataset_info.json, or its hf_hub_url from the local datasets cache; its
     formatting (alpaca or sharegpt), columns and tags; its num_samples. What cannot be honoured here is one line."""
@@ -1797,13 +1776,13 @@ def llama_factory_source(info_path, name, spec):
         with open(info_path, encoding="utf-8-sig") as f:
             info = json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"--data_path {spec}: cannot read {info_path} ({first_line(e)})") from None
+        raise UserError(f"{where}: cannot read {info_path} ({first_line(e)})") from None
     entry = info.get(name) if isinstance(info, dict) else None
     if not isinstance(entry, dict):
         known = ", ".join(sorted(info)[:8]) if isinstance(info, dict) else "nothing"
-        raise UserError(f"--data_path {spec}: {info_path} has no dataset '{name}' (it has {known}...)")
+        raise UserError(f"{where}: {info_path} has no dataset '{name}' (it has {known}...)")
     if problem := llama_factory_problem(entry):
-        raise UserError(f"--data_path {spec}: the entry '{name}' {problem}")
+        raise UserError(f"{where}: the entry '{name}' {problem}")
     formatting = entry.get("formatting", "alpaca")
     columns = dict(LLAMA_FACTORY_COLUMNS[formatting])
     if isinstance(entry.get("columns"), dict):
@@ -1897,12 +1876,55 @@ def detect_format(path):
     raise DataError(f"{path}: the file is empty (no samples)")
 
 
-def iter_raw_samples(path, kind, start=0, end=None, first_line=1):
+def data_fingerprint(paths):
+    """A content hash of data files (or dataset ids): their bytes, in order (not names or dates). A checkpoint
+    records it, so that a resume on changed data is noticed; the tokenized cache names its entries by it."""
+    digest = hashlib.sha256()
+    for path in map(os.fspath, paths):
+        # A dataset id: the bytes of the files the datasets library keeps it in.
+        files = [f["filename"] for f in load_hub_dataset(path).cache_files] if path.startswith(HUB_PREFIX) else [path]
+        for file in files:
+            stat = os.stat(file)
+            digest.update(file_digest(file, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino).encode())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def file_digest(path, size, mtime_ns, ctime_ns, inode):
+    """One file's content hash, read once per process (resume and the cache key both want it); the file's size,
+    dates and inode only tell whether this process has read this version already (a write changes its ctime,
+    whatever is done to its mtime)."""
+    digest = hashlib.sha256(f"{size}:".encode())  # where one file ends and the next begins
+    progress = Progress(f"reading {path}", total=-(-size >> 20), unit="MB",
+                        show=size > HASH_PROGRESS_BYTES and is_local_main_process())
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            progress.update(progress.done + 1)
+    progress.close()
+    return digest.hexdigest()
+
+
+HASH_PROGRESS_BYTES = 1 << 30  # files this large show the progress of their hashing (a few seconds a GB)
+
+
+def sources_fingerprint(sources, data_args, training_args):
+    """What a run trains on: the content of every resolved source in order, what is taken from each (by --seed),
+    and the flags that decide which samples are kept and how they are cut (a resume skips batches by position)."""
+    takes = [source.take for source in sources]
+    selection = json.dumps([takes, training_args.seed if any(take is not None for take in takes) or
+                            data_args.val_size else None, data_args.val_size, data_args.template,
+                            data_args.system_message, data_args.chat_template_kwargs, data_args.mask_history,
+                            [source.mapping for source in sources], training_args.model_max_length])
+    return hashlib.sha256((data_fingerprint([p for s in sources for p in s.parts]) + selection).encode()).hexdigest()
+
+
+def iter_raw_samples(path, kind, start=0, end=None, first_line_number=1):
     """Yield (where, sample, offset) for every sample of a file of format `kind` (detect_format's); `where` names
     the file and line or index for messages.
 
     For JSON Lines, `offset` is the byte offset of the sample's line (what the lazy dataset keeps), and only the
-    lines from byte `start` (line number `first_line`) to byte `end` are read; for a JSON array it is the sample's
+    lines from byte `start` (line number `first_line_number`) to byte `end` are read; for a JSON array it is the sample's
     index, for a table (Parquet, dataset id) the row's, from row `start` to row `end`."""
     if kind in ("parquet", "hub"):
         name = path.removeprefix(HUB_PREFIX)
@@ -1928,7 +1950,7 @@ def iter_raw_samples(path, kind, start=0, end=None, first_line=1):
     with open(path, "rb") as f:
         f.seek(start)
         offset = start
-        for line_number, line in enumerate(f, start=first_line):
+        for line_number, line in enumerate(f, start=first_line_number):
             if end is not None and offset >= end:
                 break
             if line.strip():
@@ -2537,8 +2559,9 @@ class TrainingData(Dataset):
     """The dataset protocol: what every dataset here (SupervisedDataset, LazySupervisedDataset, MixedDataset,
     ExampleSubset) offers, and who reads it.
 
-      len(d); d[i] -> {"input_ids": [...], "labels": [...]}  the Trainer's data loader, the collator
-      d.example(i) -> the same as numpy arrays; d.examples   the preview, its dump, the evaluation prompts
+      len(d); d[i] -> {"input_ids": [...], "labels": [...]}  the Trainer's data loader and collator, the
+                                                             evaluation prompts (generation_prompts)
+      d.example(i) -> the same as numpy arrays; d.examples   the preview and its dump
       d.group_lengths     one number per sample for --group_by_length to sort by: its token count, or for a lazy
                           dataset an estimate from its bytes (never reported as a token count)
       d.token_counts()    each sample's tokens, exact (a lazy dataset tokenizes every sample to answer)
@@ -3089,17 +3112,18 @@ def make_dataset(sources, encoder, data_args, seed=0):
     chosen by `seed`."""
     parts, part_of, index_in_part, reports = [], [], [], []
     for k, source in enumerate(sources):
+        check_parts_still_there(source)
         source_encoder = encoder.for_source(source.mapping)
         datasets = [LazySupervisedDataset(path, source_encoder, kind) if data_args.lazy_preprocess else
                     SupervisedDataset(path, source_encoder, cache_dir=data_args.data_cache_dir,
                                       num_workers=data_args.preprocessing_num_workers, kind=kind)
-                    for path, kind in zip(source.parts, source.formats)]
+                    for path, kind in zip(source.parts, source.kinds, strict=True)]  # resolve_sources filled kinds
         sizes = np.array([len(d) for d in datasets])
         if isinstance(source.take, float) and sizes.sum():
             if round(source.take * sizes.sum()) == 0:
-                raise UserError(f"--data_path {source.spec}: that fraction of its {sizes.sum():,} kept samples is "
+                raise UserError(f"{source.where}: that fraction of its {sizes.sum():,} kept samples is "
                                 "none; take a larger fraction or a count")
-            check_sample_count(source.spec, round(source.take * sizes.sum()))
+            check_sample_count(source.where, round(source.take * sizes.sum()))
         chosen = choose_samples(int(sizes.sum()), source.take, np.random.default_rng([seed, k]))
         which = np.searchsorted(np.cumsum(sizes), chosen, side="right")
         part_of.append(which + len(parts))
@@ -3112,6 +3136,14 @@ def make_dataset(sources, encoder, data_args, seed=0):
         raise DataError(f"{specs}: every sample was dropped ({DROP_REASON_TRUNCATED}); raise "
                         "--model_max_length")
     return dataset
+
+
+def check_parts_still_there(source):
+    """Rank 0 resolved the sources; on every other node (or after a file went away since) its files must still be
+    there, or the run stops in one line instead of a traceback."""
+    for part in source.parts:
+        if not part.startswith(HUB_PREFIX) and not os.path.isfile(part):
+            raise DataError(f"{part}: file not found on this machine ({source.where})")
 
 
 def choose_samples(total, take, rng):
@@ -3234,10 +3266,10 @@ class PadToLongestCollator:
         return batch
 
 
-def make_collator(tokenizer, packing, sequence_parallel_size=1):
+def make_collator(tokenizer, packing, sequence_parallel_size=1, model_max_length=None):
     if sequence_parallel_size > 1:
         return PadToLongestCollator(tokenizer.pad_token_id, multiple_of=sequence_parallel_size, position_ids=True,
-                                    length=sequence_parallel_row_length(tokenizer.model_max_length))
+                                    length=sequence_parallel_row_length(model_max_length))
     if packing:
         # One row per batch, position ids restarting at 0 per sample, no attention mask: the attention
         # implementations then keep samples apart (tests check it); IGNORE_INDEX labels the first token of each.
@@ -3258,7 +3290,6 @@ def load_tokenizer(model_args, training_args):
     except OSError as e:  # a mistyped folder or hub id, or a hub that cannot be reached: the first load to notice
         raise UserError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load a tokenizer from it "
                         f"({first_line(e)})") from None
-    # The tokenizer carries --model_max_length from here on (the collator and the preview read it there).
     if tokenizer.pad_token is None:
         # Qwen's pad is <|endoftext|>; the attention mask, not the id, keeps pads out of attention.
         tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
@@ -3272,32 +3303,33 @@ def load_tokenizer(model_args, training_args):
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 
 
-def describe_dataset(dataset):
-    """A short report: samples kept and dropped, token counts, lengths."""
-    lengths = dataset.token_counts()
-    trained = dataset.trained_tokens()
-    lines = list(getattr(dataset, "reports", []))
+def describe_dataset(dataset, tokens=None, trained=None):
+    """A short report: samples kept and dropped, token counts, lengths. `tokens` (each sample's) and `trained` (the
+    total) when a pass over the samples has counted them already."""
+    tokens = dataset.token_counts() if tokens is None else np.asarray(tokens)
+    trained = dataset.trained_tokens() if trained is None else trained
+    lines = list(dataset.reports)
     lines += [f"samples kept: {len(dataset)}", f"samples dropped: {dataset.dropped}"]
     if dataset.dropped:
         lines.append(f"  {dataset.dropped} with {DROP_REASON_TRUNCATED}")
     if dataset.empty_assistant:
         lines.append(f"notice: {dataset.empty_assistant} sample(s) with {NOTICE_EMPTY_ASSISTANT}")
-    if len(lengths):
+    if len(tokens):
         lines += [
-            f"tokens: {lengths.sum()} in all, {trained} trained ({100 * trained / lengths.sum():.1f}%)",
-            f"length in tokens: min {lengths.min()}, mean {lengths.mean():.1f}, max {lengths.max()}",
+            f"tokens: {tokens.sum()} in all, {trained} trained ({100 * trained / tokens.sum():.1f}%)",
+            f"length in tokens: min {tokens.min()}, mean {tokens.mean():.1f}, max {tokens.max()}",
         ]
     return "\n".join(lines)
 
 
-def length_histogram(lengths, model_max_length, rows=8, width=40):
+def length_histogram(full_lengths, model_max_length, rows=8, width=40):
     """Sample lengths (before truncation) in the terminal, with what --model_max_length cuts marked."""
-    lengths = np.asarray(lengths)
+    full_lengths = np.asarray(full_lengths)
     step = max(1, -(-model_max_length // rows))  # ceil
     edges = [(i * step, min((i + 1) * step, model_max_length)) for i in range(rows)]
-    counts = [int(((lengths > lo) & (lengths <= hi)).sum()) for lo, hi in edges]
+    counts = [int(((full_lengths > lo) & (full_lengths <= hi)).sum()) for lo, hi in edges]
     labels = [f"{lo + 1:>6}-{hi:<6}" for lo, hi in edges]
-    counts.append(int((lengths > model_max_length).sum()))
+    counts.append(int((full_lengths > model_max_length).sum()))
     labels.append(f"> {model_max_length:<11}")
     scale = width / max(max(counts), 1)
     lines = [f"sample lengths in tokens (before truncation), --model_max_length {model_max_length}:"]
@@ -3322,20 +3354,26 @@ def show_trained_spans(example, tokenizer):
 
 
 def write_tokenized(dataset, path):
+    """Every example as a JSON line; returns (each one's tokens, the trained tokens), counted on the way (a lazy
+    dataset tokenizes each sample once for both)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tokens, trained = [], 0
     with open(path, "w", encoding="utf-8") as f:
         for example in dataset.examples:
             f.write(json.dumps(as_lists(example)) + "\n")
+            tokens.append(len(example["input_ids"]))
+            trained += int((example["labels"] != IGNORE_INDEX).sum())
+    return tokens, trained
 
 
-def preview(dataset, tokenizer, output_dir, held_out=0):
+def preview(dataset, tokenizer, output_dir, model_max_length, held_out=0):
     dump_path = os.path.join(output_dir, "tokenized_train.jsonl")
-    write_tokenized(dataset, dump_path)
+    tokens, trained = write_tokenized(dataset, dump_path)
     if held_out:
         print(f"{held_out:,} samples are held out for evaluation (--val_size); the counts of kept samples and tokens "
               "and the dump below are of the samples trained")
-    print(describe_dataset(dataset))
-    print("\n" + length_histogram(dataset.full_lengths, tokenizer.model_max_length))
+    print(describe_dataset(dataset, tokens, trained))
+    print("\n" + length_histogram(dataset.full_lengths, model_max_length))
     if len(dataset):
         print(f"\nfirst sample; trained tokens are between {TRAINED_OPEN} and {TRAINED_CLOSE}:\n")
         print(show_trained_spans(dataset[0], tokenizer))
@@ -3835,7 +3873,7 @@ class StopOnRequest(transformers.TrainerCallback):
             self._stop(self.signal_name or "SIGTERM", state, control)
 
     def on_step_end(self, args, state, control, **kwargs):
-        files = [os.path.exists(os.path.join(args.output_dir, name)) and args.process_index == 0
+        files = [os.path.exists(os.path.join(args.output_dir, name)) and is_main_process()
                  for name in (SAVE_NOW, STOP_NOW)]
         signalled, save_now, stop_now = each_on_any_rank([self.signal_name is not None, *files], args.device)
         self.answered = [name for name, asked in ((SAVE_NOW, save_now), (STOP_NOW, stop_now)) if asked]
@@ -3869,7 +3907,7 @@ class StopOnRequest(transformers.TrainerCallback):
             return
         if in_process_group():
             torch.distributed.barrier()  # every rank's part of the checkpoint is written
-        if args.process_index == 0:
+        if is_main_process():
             for name in self.answered:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(args.output_dir, name))
@@ -3975,10 +4013,10 @@ class EvalGenerations(transformers.TrainerCallback):
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
-        if not self.prompts or not (args.process_index == 0 or uses_zero3()):
+        if not self.prompts or not (is_main_process() or uses_zero3()):
             return
         replies = self.generate(model, args.device)
-        if args.process_index != 0:
+        if not is_main_process():
             return
         rows = [{"step": state.global_step, "epoch": state.epoch, "sample": i,
                  "prompt": self.tokenizer.decode(prompt), "reference": self.decode(reference), "reply": reply}
@@ -4112,7 +4150,7 @@ def run_facts(run, model, encoder, train_dataset, eval_dataset):
             "target_parameters": sorted(peft_config.target_parameters or []),
             "modules_to_save": sorted(peft_config.modules_to_save or []), "bias": peft_config.bias},
         "sources": sources,
-        "source_reports": list(getattr(train_dataset, "reports", [])),
+        "source_reports": list(train_dataset.reports),
         "train_samples": len(train_dataset), "eval_samples": len(eval_dataset) if eval_dataset is not None else 0,
         "eval_source": ", ".join(data_args.eval_data_path) or
                        (f"--val_size {data_args.val_size:g} of the training data" if data_args.val_size else None),
@@ -4233,18 +4271,24 @@ class SeededLengthGroupedSampler(transformers.trainer_pt_utils.LengthGroupedSamp
 
 
 class FinetuneTrainer(transformers.Trainer):
-    """The Hugging Face Trainer, plus: the chunked loss, length grouping from the dataset's own lengths,
+    """The Hugging Face Trainer, plus: the chunked loss, length grouping from the dataset's group_lengths,
     tokens/s per device in the logs, and one save for checkpoints and the final result.
 
     Besides its documented hooks (compute_loss_func, loss_is_scaled_for_ga, compute_loss, training_step, log,
-    save_model, train), it relies on this private surface of transformers' Trainer, which an upgrade may rename
-    without notice; tests/test_trainer_surface.py checks that each still exists and is still called:
-      _get_grad_norm               the step's gradient norm, for StopOnDivergence (lost: a diverging gradient
-                                   would go unnoticed)
-      _get_num_items_in_batch      the step's trained tokens on every rank, under sequence parallelism
-      _get_train_sampler           --group_by_length from the dataset's own lengths, reproducible per epoch
+    save_model, train), it relies on this private surface of transformers, which an upgrade may rename without
+    notice; tests/test_trainer_surface.py checks that each still exists and is still used:
+      Trainer._get_grad_norm             the step's gradient norm, for StopOnDivergence (lost: a diverging
+                                         gradient would go unnoticed)
+      Trainer._get_num_items_in_batch    the step's trained tokens on every rank, under sequence parallelism
+      Trainer._get_train_sampler         --group_by_length from the dataset's group_lengths
+      LengthGroupedSampler.generator     set per epoch by SeededLengthGroupedSampler (reproducible order)
+      Trainer.save_model(_internal_call) our save_model's signature, as the Trainer calls it for checkpoints
+      Trainer.callback_handler.callbacks, TensorBoardCallback.tb_writer   where EvalGenerations finds the
+                                         writer for its replies
+      trainer_state.json "stateful_callbacks"   where RecordTrainingData's facts and EarlyStoppingCallback's
+                                         count are read back from a checkpoint
       transformers.trainer.skip_first_batches   replaced while resuming under sequence parallelism
-                                   (resumable_sequence_parallel_loader)"""
+                                         (resumable_sequence_parallel_loader)"""
 
     def __init__(self, model, args, **kwargs):
         super().__init__(model=model, args=args, **kwargs)
@@ -4434,7 +4478,7 @@ class Watch:
 
     stop_on_request: "StopOnRequest"
     early_stopper: Optional[transformers.EarlyStoppingCallback]
-    facts: Optional[dict]  # the model card's (run_facts), on the process that writes files
+    card_facts: Optional[dict]  # what the model card says of the run (run_facts), on the process that writes files
 
 
 def train(argv=None):
@@ -4456,17 +4500,18 @@ def prepare(argv):
     model_args, data_args, training_args, lora_args = parse_arguments(argv)
     agreed_by_all_ranks(claim_output_dir, training_args.output_dir, model_args.model_name_or_path)
     sources = agreed_by_all_ranks(resolve_sources, data_args.data_path)
-    eval_sources = agreed_by_all_ranks(resolve_sources, data_args.eval_data_path) if data_args.eval_data_path else None
+    eval_sources = agreed_by_all_ranks(resolve_sources, data_args.eval_data_path, "--eval_data_path") \
+        if data_args.eval_data_path else None
     return Run(model_args, data_args, training_args, lora_args, sources, eval_sources)
 
 
 def preview_data(run):
     """--preprocess_only: the training data exactly as it would be trained, without loading the model."""
     tokenizer, encoder = load_encoder(run)
-    train_dataset, eval_dataset = build_datasets(run, encoder)
+    train_dataset, eval_dataset = build_datasets(run, encoder, with_eval_data=False)
     # The held-out samples of --val_size are not shown as trained (the same split as training).
-    held_out = len(eval_dataset) if run.data_args.val_size else 0
-    preview(train_dataset, tokenizer, run.training_args.output_dir, held_out=held_out)
+    held_out = len(eval_dataset) if eval_dataset is not None else 0
+    preview(train_dataset, tokenizer, run.training_args.output_dir, run.training_args.model_max_length, held_out)
 
 
 def decide_start(run):
@@ -4503,11 +4548,12 @@ def check_model_against_flags(run):
     check_lora_targets(model_config, run.lora_args)
 
 
-def build_datasets(run, encoder):
-    """(training data, evaluation data or None): --eval_data_path, or --val_size held out of the training data."""
+def build_datasets(run, encoder, with_eval_data=True):
+    """(training data, evaluation data or None): --eval_data_path (unless not `with_eval_data`), or --val_size held
+    out of the training data."""
     seed = run.training_args.seed
     train_dataset = make_dataset(run.sources, encoder, run.data_args, seed)
-    if run.eval_sources:
+    if run.eval_sources and with_eval_data:
         return train_dataset, make_dataset(run.eval_sources, encoder, run.data_args, seed)
     if run.data_args.val_size:
         return split_off_validation(train_dataset, run.data_args.val_size, seed)
@@ -4516,11 +4562,12 @@ def build_datasets(run, encoder):
 
 def build_trainer(run, tokenizer, encoder, train_dataset, eval_dataset):
     """The model, the Trainer around it, and the callbacks that watch the run."""
-    args = run.training_args
+    args = with_distributed_settings(run.training_args, run.lora_args, run.model_args.attn_implementation)
     transformers.set_seed(args.seed)  # before the adapter's random init, so that --seed repeats a run
     model = load_model(run.model_args, args, run.lora_args)
     trainer = FinetuneTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                              data_collator=make_collator(tokenizer, args.packing, args.sequence_parallel_size),
+                              data_collator=make_collator(tokenizer, args.packing, args.sequence_parallel_size,
+                                                          args.model_max_length),
                               processing_class=tokenizer)
     facts = run_facts(run, model, encoder, train_dataset, eval_dataset) if args.should_save else None
     watch = Watch(StopOnRequest(trainer.divergence),
@@ -4571,7 +4618,7 @@ def finish(trainer, run, watch):
         trainer.save_model(args.output_dir)  # every rank: ZeRO-3 gathers across them
     if args.should_save:
         card = os.path.join(args.output_dir, MODEL_CARD)
-        model_card(watch.facts, trainer.state).save(card)
+        model_card(watch.card_facts, trainer.state).save(card)
         curves = os.path.join(args.output_dir, "training_curves.png")
         plot_training_curves(trainer.state.log_history, curves)
         log.info(f"model card: {card}; loss and learning-rate curves: {curves}")

@@ -18,10 +18,11 @@ import pytest
 import torch
 import transformers
 from fp32 import assert_changed_beyond_rounding, assert_fp32_close, backward_depth, forward_depth
-from helpers import (PROMPT, ROOT, assert_adapter_changes_logits, assert_resumed_run_matches, assert_success,
+from helpers import (DATA, PROMPT, ROOT, assert_adapter_changes_logits, assert_resumed_run_matches, assert_success,
                      base_model, log_history, logits_of, run_cli, run_in_process, torchrun, train_losses, write_jsonl,
                      zero3_config)
 from safetensors.torch import load_file
+from tiny_qwen import qwen_tokenizer_dir
 
 import finetune
 from finetune import IGNORE_INDEX, UserError
@@ -244,14 +245,24 @@ def test_a_possible_split_configures_the_trainer_for_deepspeed_ulysses():
     args = sp_arguments(world_size=4)
     finetune.check_sequence_parallelism(args, None)
     finetune.check_sequence_parallel_model(args, tiny_config())
-    finetune.settle_distributed_settings(args, SimpleNamespace(use_lora=False), None)
-    config = args.parallelism_config
+    trainer_args = finetune.with_distributed_settings(args, SimpleNamespace(use_lora=False), None)
+    config = trainer_args.parallelism_config
     assert (config.sp_backend, config.sp_size, config.dp_shard_size) == ("deepspeed", 2, 2)
     assert config.sp_handler.sp_attn_implementation == "sdpa" and config.sp_handler.sp_seq_length_is_variable
+    assert not hasattr(args, "parallelism_config")  # a copy: the parsed flags stay as given
     untouched = sp_arguments(sequence_parallel_size=1, deepspeed=None)
     finetune.check_sequence_parallelism(untouched, "eager")
-    finetune.settle_distributed_settings(untouched, SimpleNamespace(use_lora=False), "eager")
+    assert finetune.with_distributed_settings(untouched, SimpleNamespace(use_lora=False), "eager") is untouched
     assert not hasattr(untouched, "parallelism_config")
+
+
+def test_a_sequence_parallel_command_can_be_previewed_on_one_process(tmp_path, capsys):
+    """--preprocess_only loads no model and splits nothing: the flags of the real run may stay on the command."""
+    result = run_in_process(["--model_name_or_path", qwen_tokenizer_dir(), "--data_path", DATA, "--output_dir",
+                             str(tmp_path / "out"), "--preprocess_only", "true", "--sequence_parallel_size", "2",
+                             "--template", "chatml", "--data_cache_dir", "none"])
+    assert result.returncode == 0, result.stderr
+    assert "samples kept: 8" in result.stdout
 
 
 def test_split_batches_are_padded_to_a_multiple_of_the_ranks_with_positions():

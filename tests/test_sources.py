@@ -8,7 +8,7 @@ import os
 import shutil
 
 import pytest
-from helpers import (ROOT, assert_success, dataset_of, make_encoder, run_cli, train_losses, training_args,
+from helpers import (GOOD, ROOT, assert_success, dataset_of, make_encoder, run_cli, train_losses, training_args,
                      write_jsonl, write_parquet)
 
 import finetune
@@ -229,7 +229,7 @@ def test_sources_are_resolved_once_with_each_files_format_and_trained_as_resolve
     write_parquet(folder / "c.parquet", samples[6:])
     [source] = finetune.resolve_sources([str(folder)])
     assert [os.path.basename(p) for p in source.parts] == ["a.jsonl", "b.json", "c.parquet"]
-    assert source.formats == ["jsonl", "json", "parquet"]
+    assert source.kinds == ["jsonl", "json", "parquet"]
     # What resolution found is what is fingerprinted and trained: no second glob, no second format detection.
     write_jsonl(folder / "d.jsonl", samples[:1])  # arrives after the run resolved its sources
     monkeypatch.setattr(finetune, "detect_format", lambda path: pytest.fail(f"{path}: format detected again"))
@@ -240,5 +240,19 @@ def test_sources_are_resolved_once_with_each_files_format_and_trained_as_resolve
         assert [dataset[i] for i in range(len(dataset))] == expected
     assert finetune.sources_fingerprint([source], finetune.DataArguments(data_path=[str(folder)]),
                                         training_args(tmp_path)) != finetune.sources_fingerprint(
-        [finetune.Source(source.spec, source.parts[:2], formats=source.formats[:2])],
+        [finetune.Source(source.spec, source.parts[:2], kinds=source.kinds[:2])],
         finetune.DataArguments(data_path=[str(folder)]), training_args(tmp_path))
+    monkeypatch.undo()
+    os.remove(folder / "b.json")  # gone since rank 0 resolved it (or never there on this node)
+    with pytest.raises(finetune.DataError) as error:
+        finetune.make_dataset([source], encoder, data_args(tmp_path))
+    assert str(error.value) == f"{folder / 'b.json'}: file not found on this machine (--data_path {folder})"
+
+
+def test_eval_sources_are_named_by_their_own_flag(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "e.jsonl", [GOOD])
+    with pytest.raises(finetune.UserError, match=r"^--eval_data_path .*e.jsonl#0: the amount after '#' must be positive"):
+        finetune.resolve_sources([f"{path}#0"], "--eval_data_path")
+    [source] = finetune.resolve_sources([f"{path}#0.01"], "--eval_data_path")
+    with pytest.raises(finetune.UserError, match=r"^--eval_data_path .*e.jsonl#0.01: that fraction of its 1 kept"):
+        finetune.make_dataset([source], make_encoder(tokenizer), data_args(tmp_path))

@@ -2,6 +2,8 @@
 still exist and still be called in a short run, so that a transformers upgrade that renames one fails here instead
 of silently in a user's run (a lost gradient-norm hook would hide a divergence)."""
 import collections
+import inspect
+import json
 
 import transformers
 from helpers import DATA, make_encoder
@@ -16,6 +18,10 @@ def test_the_private_trainer_surface_exists_and_is_called(tiny_qwen2, tokenizer,
         assert callable(getattr(transformers.Trainer, name, None)), f"transformers.Trainer.{name} is gone"
         assert name in vars(finetune.FinetuneTrainer), f"FinetuneTrainer no longer overrides {name}"
     assert callable(getattr(transformers.trainer, "skip_first_batches", None))
+    assert "_internal_call" in inspect.signature(transformers.Trainer.save_model).parameters
+    # SeededLengthGroupedSampler seeds the generator that LengthGroupedSampler draws its order from.
+    assert "self.generator" in inspect.getsource(transformers.trainer_pt_utils.LengthGroupedSampler.__iter__)
+    assert hasattr(transformers.integrations.TensorBoardCallback(), "tb_writer")
     calls, returned = collections.Counter(), collections.defaultdict(list)
 
     def spy(name, function):
@@ -43,6 +49,9 @@ def test_the_private_trainer_surface_exists_and_is_called(tiny_qwen2, tokenizer,
         return trainer
 
     trainer = train(max_steps=2)
+    assert trainer.divergence in trainer.callback_handler.callbacks  # the list EvalGenerations reads
+    with open(tmp_path / "out" / "checkpoint-1" / "trainer_state.json") as f:
+        assert "stateful_callbacks" in json.load(f)  # where a checkpoint's recorded facts are read back
     assert calls["_get_train_sampler"] >= 1
     assert isinstance(trainer._get_train_sampler(), finetune.SeededLengthGroupedSampler)
     assert calls["_get_num_items_in_batch"] >= 2  # once a step

@@ -211,7 +211,8 @@ def test_the_model_card_names_a_hub_base_model_and_the_adapters_settings(tiny_qw
                                                   per_device_train_batch_size=2, gradient_accumulation_steps=8),
                        finetune.LoraArguments(use_lora=True, lora_r=4, lora_alpha=8),
                        finetune.resolve_sources(data_args.data_path))
-    facts = finetune.run_facts(run, model, make_encoder(tokenizer, template="auto"), [0] * 8, None)
+    train_dataset = finetune.SupervisedDataset(DATA, make_encoder(tokenizer))
+    facts = finetune.run_facts(run, model, make_encoder(tokenizer, template="auto"), train_dataset, None)
     state = transformers.TrainerState(global_step=3, epoch=1.5, log_history=[{"loss": 2.5, "step": 3}])
     path = str(tmp_path / "README.md")
     finetune.model_card(facts, state).save(path)
