@@ -953,6 +953,17 @@ def sequence_parallel_loss_weight(training_args):
 
 
 @contextlib.contextmanager
+def patched(module, name, value):
+    """`module.name` is `value` within the context, and what it was after: for the labelled workarounds only."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+@contextlib.contextmanager
 def resumable_sequence_parallel_loader():
     """Workaround (transformers 5.24, DeepSpeed 0.19): resuming mid-epoch, the Trainer hands DeepSpeed's Ulysses
     data loader adapter to accelerate's skip_first_batches, which only knows data loaders. Within this context it
@@ -973,11 +984,8 @@ def resumable_sequence_parallel_loader():
             next(skipped)
         return skipped
 
-    original, trainer_module.skip_first_batches = trainer_module.skip_first_batches, skip_first_batches
-    try:
+    with patched(trainer_module, "skip_first_batches", skip_first_batches):
         yield
-    finally:
-        trainer_module.skip_first_batches = original
 
 
 def sequence_parallel_row_length(model_max_length):
@@ -1093,11 +1101,8 @@ def without_zero3_init():
     DeepSpeed config that is_deepspeed_zero3_enabled reads. If it moves, the ZeRO-3 tests fail at start-up."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
-    saved, hf_deepspeed._hf_deepspeed_config_weak_ref = hf_deepspeed._hf_deepspeed_config_weak_ref, None
-    try:
+    with patched(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None):
         yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def whole_until_its_gradient_is_in(weight):
@@ -4288,7 +4293,9 @@ class FinetuneTrainer(transformers.Trainer):
       trainer_state.json "stateful_callbacks"   where RecordTrainingData's facts and EarlyStoppingCallback's
                                          count are read back from a checkpoint
       transformers.trainer.skip_first_batches   replaced while resuming under sequence parallelism
-                                         (resumable_sequence_parallel_loader)"""
+                                         (resumable_sequence_parallel_loader)
+      transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref   cleared while a skeleton is built on
+                                         the meta device under ZeRO-3 (without_zero3_init)"""
 
     def __init__(self, model, args, **kwargs):
         super().__init__(model=model, args=args, **kwargs)

@@ -22,6 +22,7 @@ def test_the_private_trainer_surface_exists_and_is_called(tiny_qwen2, tokenizer,
     # SeededLengthGroupedSampler seeds the generator that LengthGroupedSampler draws its order from.
     assert "self.generator" in inspect.getsource(transformers.trainer_pt_utils.LengthGroupedSampler.__iter__)
     assert hasattr(transformers.integrations.TensorBoardCallback(), "tb_writer")
+    assert hasattr(transformers.integrations.deepspeed, "_hf_deepspeed_config_weak_ref")  # without_zero3_init
     calls, returned = collections.Counter(), collections.defaultdict(list)
 
     def spy(name, function):
