@@ -2555,6 +2555,11 @@ DROP_REASON_TRUNCATED = "no trained token within --model_max_length"
 NOTICE_EMPTY_ASSISTANT = "an empty assistant message (only its <|im_end|> is trained)"
 
 
+def trained_in(example: dict[str, np.ndarray]) -> int:
+    """How many of an example's tokens have a label (are trained)."""
+    return int((example["labels"] != IGNORE_INDEX).sum())
+
+
 def as_lists(example: dict[str, np.ndarray]) -> dict[str, list[int]]:
     """What a dataset hands out: plain lists, as a collator or a JSON dump expects."""
     return {"input_ids": example["input_ids"].tolist(), "labels": example["labels"].tolist()}
@@ -2590,7 +2595,7 @@ class TrainingData(Dataset):
         return np.array([len(example["input_ids"]) for example in self.examples], dtype=np.int64)
 
     def trained_tokens(self):
-        return sum(int((example["labels"] != IGNORE_INDEX).sum()) for example in self.examples)
+        return sum(trained_in(example) for example in self.examples)
 
 
 class SupervisedDataset(TrainingData):
@@ -3037,18 +3042,26 @@ def tokenize_part(path, kind, encoder, folder, k, part, batch_size, progress=Non
             np.int64(total).tofile(files["offsets"])
 
     try:
-        batch = []
-        for where, sample, _ in iter_raw_samples(path, kind, *part):
-            batch.append(encoder.parse(sample, where))
-            empty_assistant += batch[-1].has_empty_assistant_message()
-            if len(batch) == batch_size:
-                add(encoder.encode_with_lengths(batch))
-                batch = []
-        add(encoder.encode_with_lengths(batch) if batch else [])
+        for batch in parsed_batches(path, kind, encoder, batch_size, part):
+            empty_assistant += sum(conversation.has_empty_assistant_message() for conversation in batch)
+            add(encoder.encode_with_lengths(batch))
     finally:
         for f in files.values():
             f.close()
     return {"dropped": dropped, "empty_assistant": empty_assistant}
+
+
+def parsed_batches(path, kind, encoder, batch_size, part=()):
+    """The samples of a file (or of one run of it, `part`: iter_raw_samples' start, end, first line number) as
+    conversations, in lists of up to `batch_size` for the tokenizer's batched calls."""
+    batch = []
+    for where, sample, _ in iter_raw_samples(path, kind, *part):
+        batch.append(encoder.parse(sample, where))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 class LazySupervisedDataset(TrainingData):
@@ -3100,15 +3113,8 @@ class LazySupervisedDataset(TrainingData):
     @functools.cached_property
     def full_lengths(self):
         """Tokenizes every sample once (only the preview asks)."""
-        lengths, batch = [], []
-        for where, sample, _ in iter_raw_samples(self.path, self.kind):
-            batch.append(self.encoder.parse(sample, where))
-            if len(batch) == 1000:
-                lengths += [length for _, length in self.encoder.encode_with_lengths(batch)]
-                batch = []
-        if batch:
-            lengths += [length for _, length in self.encoder.encode_with_lengths(batch)]
-        return np.array(lengths, dtype=np.int64)
+        return np.array([length for batch in parsed_batches(self.path, self.kind, self.encoder, 1000)
+                         for _, length in self.encoder.encode_with_lengths(batch)], dtype=np.int64)
 
 
 def make_dataset(sources, encoder, data_args, seed=0):
@@ -3367,7 +3373,7 @@ def write_tokenized(dataset, path):
         for example in dataset.examples:
             f.write(json.dumps(as_lists(example)) + "\n")
             tokens.append(len(example["input_ids"]))
-            trained += int((example["labels"] != IGNORE_INDEX).sum())
+            trained += trained_in(example)
     return tokens, trained
 
 
