@@ -262,7 +262,8 @@ class TrainingArguments(transformers.TrainingArguments):
     router_aux_loss_coef: Optional[float] = field(
         default=None,
         metadata={"help": "MoE models: weight of the router's load-balancing loss in the training loss (default: the "
-                  "model's router_aux_loss_coef, 0.001 on Qwen's); logged as router_aux_loss; 0 turns it off."},
+                  "model's router_aux_loss_coef, 0.001 on Qwen's); logged as router_aux_loss; 0 turns it off. eval_loss leaves "
+                  "it out (eval_router_aux_loss is logged beside it)."},
     )
     eval_generations: int = field(
         default=0,
@@ -3738,6 +3739,9 @@ class CausalLMLoss:
     def __init__(self, router_aux_loss_coef=0.0):
         self.router_aux_loss_coef = router_aux_loss_coef
         self.router_aux_loss = None  # (the last micro-batch's balancing loss, its trained tokens), for the logs
+        # Evaluation leaves the router's term out: eval_loss is the language-model loss alone, comparable across
+        # coefficients and with dense models (the term is logged beside it as eval_router_aux_loss).
+        self.with_router_term = True
 
     def __call__(self, outputs, labels, num_items_in_batch=None):
         next_tokens = labels[:, 1:]  # position i predicts token i + 1
@@ -3751,7 +3755,8 @@ class CausalLMLoss:
         total = self.summed_cross_entropy(outputs, next_tokens)
         if self.router_aux_loss_coef:
             trained = (next_tokens != IGNORE_INDEX).sum()
-            total = total + self.router_aux_loss_coef * outputs.aux_loss.to(total.dtype) * trained
+            if self.with_router_term:
+                total = total + self.router_aux_loss_coef * outputs.aux_loss.to(total.dtype) * trained
             self.router_aux_loss = (outputs.aux_loss.detach(), trained)
         return total
 
@@ -4330,7 +4335,8 @@ class FinetuneTrainer(transformers.Trainer):
         self.add_callback(self.divergence)
         self._tokens = self._trained_tokens = 0  # this device's, since the last log
         self._total_tokens = self._total_trained_tokens = 0
-        self._router_loss = self._router_weight = 0.0  # the trained-token-weighted balancing loss since the last log
+        # The trained-token-weighted balancing loss since the last log, of training and of evaluation: [sum, tokens]
+        self._router_losses = {"train": [0.0, 0], "eval": [0.0, 0]}
         self._window_start = None  # first training step after the previous log
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -4348,11 +4354,13 @@ class FinetuneTrainer(transformers.Trainer):
             inputs = {**inputs, "output_router_logits": True}  # the model then computes its balancing loss
         if model.training and self.sequence_parallel > 1:  # Sequence parallelism: this rank holds slices
             return self.sequence_parallel_loss(model, inputs, num_items_in_batch, return_outputs)
+        self.compute_loss_func.with_router_term = model.training
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if model.training and self.compute_loss_func.router_aux_loss is not None:
+        if self.compute_loss_func.router_aux_loss is not None:
             router_loss, trained = self.compute_loss_func.router_aux_loss
-            self._router_loss += float(router_loss) * int(trained)
-            self._router_weight += int(trained)
+            window = self._router_losses["train" if model.training else "eval"]
+            window[0] += float(router_loss) * int(trained)
+            window[1] += int(trained)
         self.compute_loss_func.router_aux_loss = None
         return result
 
@@ -4404,10 +4412,11 @@ class FinetuneTrainer(transformers.Trainer):
             for key in ("loss", "train_loss"):
                 if key in logs:
                     logs[key] *= self.args.world_size / self.sequence_parallel_weight
-        if "loss" in logs and self.compute_loss_func.router_aux_loss_coef:
-            router_loss, weight = sum_over_ranks([self._router_loss, self._router_weight], self.args.device)
-            self._router_loss = self._router_weight = 0.0
-            logs["router_aux_loss"] = round(router_loss / max(weight, 1), 6)
+        for kind, key, logged in (("train", "router_aux_loss", "loss"), ("eval", "eval_router_aux_loss", "eval_loss")):
+            if logged in logs and self.compute_loss_func.router_aux_loss_coef:
+                router_loss, weight = sum_over_ranks(self._router_losses[kind], self.args.device)
+                self._router_losses[kind] = [0.0, 0]
+                logs[key] = round(router_loss / max(weight, 1), 6)
         if "loss" in logs or "train_runtime" in logs:
             tokens, trained = int(self._tokens), int(self._trained_tokens)
             self._tokens = self._trained_tokens = 0

@@ -228,3 +228,24 @@ def test_the_launchers_defaults_train_a_qwen3_5_moe_whose_adapter_loads_merges_a
     assert type(merged).__name__ == "Qwen3_5MoeForConditionalGeneration"
     depth = forward_depth(len(tokenizer(PROMPT)["input_ids"]), layers=4) + 8
     assert_fp32_close(logits_of(merged, tokenizer), logits_of(adapted, tokenizer), depth, "merged logits")
+
+
+def test_eval_loss_is_the_language_model_loss_whatever_the_router_coefficient(tiny_models, tmp_path, batch,
+                                                                                tokenizer):
+    model = load(tiny_models("qwen3_moe"), tmp_path)
+    collated = finetune.make_collator(tokenizer, packing=False)(batch)
+    with torch.no_grad():
+        own = model(**collated)  # the model's own mean cross-entropy: no router term without router logits
+        aux = model(**collated, output_router_logits=True).aux_loss
+    trained = int((collated["labels"][:, 1:] != -100).sum())
+    metrics = {}
+    for coef in (0.0, 0.5):
+        args = training_args(tmp_path, per_device_eval_batch_size=2, router_aux_loss_coef=coef)
+        trainer = finetune.FinetuneTrainer(model=model, args=args, eval_dataset=batch, processing_class=tokenizer,
+                                           data_collator=finetune.make_collator(tokenizer, packing=False))
+        metrics[coef] = trainer.evaluate()
+        assert_fp32_close(metrics[coef]["eval_loss"], own.loss, trained, f"eval_loss with coefficient {coef}")
+    assert "eval_router_aux_loss" not in metrics[0.0]  # no router term in that run's loss at all
+    assert_fp32_close(metrics[0.5]["eval_router_aux_loss"], aux, 1e6 / trained, "eval_router_aux_loss")  # 6 places
+    logged = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert logged and logged[-1]["eval_router_aux_loss"] == metrics[0.5]["eval_router_aux_loss"]
