@@ -1827,6 +1827,7 @@ def from_llama_factory(sample, mapping, where):
     tags; fields the entry does not name are left out, as LLaMA-Factory leaves them."""
     if not isinstance(sample, dict):
         return sample  # parse_sample says what is wrong with it
+    check_no_media(sample, where)  # before the entry's columns would leave its media fields out unseen
     columns, tags = mapping["columns"], mapping["tags"]
 
     def column(key):
@@ -2046,6 +2047,7 @@ def parse_sample(sample: dict, where: str, forbidden_tokens: list[str], mask_his
     last assistant message is trained."""
     if not isinstance(sample, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(sample).__name__}")
+    check_no_media(sample, where)
     formats = [name for name, present in (("'conversations'", "conversations" in sample),
                                           ("'messages'", "messages" in sample),
                                           ("'instruction'/'output' (Alpaca)", "instruction" in sample or
@@ -2187,6 +2189,18 @@ def message_weight(turn, where):
 
 # The types of content parts (OpenAI's, LLaMA-Factory's) that are not text: refused, this script trains on text.
 NON_TEXT_PARTS = ("image", "image_url", "input_image", "video", "video_url", "audio", "input_audio", "file")
+# A multimodal record of LLaMA-Factory's (and ShareGPT's) kind: media listed beside the messages, each standing at
+# a placeholder in the text. Trained as text, the media would be dropped and the placeholder learnt.
+MEDIA_FIELDS = ("images", "videos", "audios")
+MEDIA_PLACEHOLDERS = ("<image>", "<video>", "<audio>")
+TEXT_ONLY = "this script fine-tunes on text only (leave images, audio and video out of the data)"
+
+
+def check_no_media(sample, where):
+    """A sample that lists images, videos or audio beside its messages is refused, not trained without them."""
+    for key in MEDIA_FIELDS:
+        if sample.get(key) not in (None, [], ""):
+            raise DataError(f"{where}: has '{key}' (a multimodal record); {TEXT_ONLY}")
 
 
 def content_parts(parts, where):
@@ -2197,8 +2211,7 @@ def content_parts(parts, where):
     for k, part in enumerate(parts):
         kind = part.get("type", "text") if isinstance(part, dict) else None
         if kind in NON_TEXT_PARTS or (isinstance(part, dict) and any(key in part for key in NON_TEXT_PARTS)):
-            raise DataError(f"{where}: content part {k} is of type '{kind}'; this script fine-tunes on text only "
-                            "(leave images, audio and video out of the data)")
+            raise DataError(f"{where}: content part {k} is of type '{kind}'; {TEXT_ONLY}")
         value = part.get("text", part.get("value")) if isinstance(part, dict) else None
         if kind == "tool_call":
             calls.append(parse_json(value, f"{where}: content part {k}") if isinstance(value, str) else value)
@@ -2272,6 +2285,9 @@ def check_text(text, where, forbidden_tokens):
     for token in forbidden_tokens:
         if token in text:
             raise DataError(f"{where} contains the control token {token!r}, which plain text must not hold")
+    for placeholder in MEDIA_PLACEHOLDERS:
+        if placeholder in text:
+            raise DataError(f"{where} holds {placeholder}, the place of a medium in a multimodal record; {TEXT_ONLY}")
 
 
 def render_chatml(conversation: Conversation, default_system: Optional[str]) -> tuple[str, list[Span]]:

@@ -129,6 +129,59 @@ def test_parts_that_are_not_text_are_one_line_naming_the_sample_and_the_part(tok
         encode(tokenizer, weighted)
 
 
+# Multimodal records as LLaMA-Factory (mllm_demo), ShareGPT and Alpaca files hold them: refused until images are
+# supported, never trained as text with the media dropped.
+MULTIMODAL = {
+    "messages+images": {"messages": [{"role": "user", "content": "<image>What is this?"},
+                                     {"role": "assistant", "content": "A cat."}], "images": ["cat.png"]},
+    "sharegpt+videos": {"conversations": [{"from": "human", "value": "<video>What happens?"},
+                                          {"from": "gpt", "value": "It rains."}], "videos": ["rain.mp4"]},
+    "alpaca+audios": {"instruction": "<audio>Transcribe it.", "output": "Hello.", "audios": ["hello.wav"]},
+    "images without a placeholder": {"messages": [{"role": "user", "content": "What is this?"},
+                                                  {"role": "assistant", "content": "A cat."}], "images": ["cat.png"]},
+    "a placeholder without images": {"messages": [{"role": "user", "content": "<image>What is this?"},
+                                                  {"role": "assistant", "content": "A cat."}]},
+    "a placeholder in the reply": {"conversations": [{"from": "human", "value": "Show me."},
+                                                     {"from": "gpt", "value": "Here: <image>"}]},
+}
+
+
+@pytest.mark.parametrize("container", ["jsonl", "json", "parquet", "lazy"])
+@pytest.mark.parametrize("case", list(MULTIMODAL))
+def test_a_multimodal_record_is_one_line_in_every_format(tokenizer, tmp_path, case, container):
+    sample = MULTIMODAL[case]
+    if container == "parquet" and "images" in sample and "<image>" not in json.dumps(sample):
+        sample = {**sample, "images": [{"bytes": b"\x89PNG", "path": "cat.png"}]}  # image bytes in a column
+    writer = {"json": write_json, "parquet": write_parquet}.get(container, write_jsonl)
+    path = writer(tmp_path / f"d.{'parquet' if container == 'parquet' else 'json'}", [sample])
+    with pytest.raises(finetune.DataError) as error:
+        encode(tokenizer, path, lazy=container == "lazy")
+    message = str(error.value)
+    assert message.startswith(path) and "\n" not in message
+    assert "this script fine-tunes on text only" in message
+    # The media field is found first; a placeholder alone is named itself.
+    fields = [key for key in finetune.MEDIA_FIELDS if key in sample]
+    assert (f"has '{fields[0]}' (a multimodal record)" if fields else "holds <image>, the place of a medium") in message
+
+
+def test_a_dataset_info_entry_whose_file_lists_media_is_refused_even_unmapped(tokenizer, tmp_path):
+    folder = tmp_path / "lf"
+    os.makedirs(folder)
+    write_json(folder / "mllm.json", [MULTIMODAL["images without a placeholder"]])
+    (folder / "dataset_info.json").write_text(json.dumps({
+        "mllm": {"file_name": "mllm.json", "formatting": "sharegpt",
+                 "columns": {"messages": "messages"},
+                 "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                          "assistant_tag": "assistant"}},
+        "mapped": {"file_name": "mllm.json", "formatting": "sharegpt",
+                   "columns": {"messages": "messages", "videos": "videos"}}}))
+    args = finetune.DataArguments(data_path="unused", data_cache_dir="none")
+    with pytest.raises(finetune.DataError, match=r"mllm.json sample 0: has 'images' \(a multimodal record\)"):
+        dataset_of([f"{folder}:mllm"], make_encoder(tokenizer), args)
+    with pytest.raises(finetune.UserError, match="the entry 'mapped' has videos: this script fine-tunes on text only"):
+        finetune.parse_sources([f"{folder}:mapped"])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # LLaMA-Factory's dataset_info.json
 # ---------------------------------------------------------------------------------------------------------
