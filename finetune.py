@@ -1650,6 +1650,8 @@ def parse_sources(specs, flag="--data_path"):
         location = os.path.expanduser(location)
         if entry := llama_factory_location(location):
             parts, mapping, entry_take = llama_factory_source(*entry, where)
+            if take is None and entry_take is not None:
+                check_amount(f"{where} (its num_samples)", entry_take)
             sources.append(Source(spec, parts, take if take is not None else entry_take, mapping, flag))
         else:
             sources.append(Source(spec, source_parts(location), take, flag=flag))
@@ -1804,15 +1806,45 @@ def llama_factory_source(info_path, name, where):
     return parts, {"formatting": formatting, "columns": columns, "tags": tags}, entry.get("num_samples")
 
 
+# The values of a dataset_info.json entry that are read here, and what each must be.
+LLAMA_FACTORY_TEXT_KEYS = ("file_name", "hf_hub_url", "ms_hub_url", "script_url", "formatting", "split", "subset",
+                           "folder")
+
+
+def llama_factory_value_problem(entry):
+    """What is wrong with the values of a dataset_info.json entry (types LLaMA-Factory's own loader assumes), or None."""
+    for key in LLAMA_FACTORY_TEXT_KEYS:
+        if key in entry and not isinstance(entry[key], str):
+            return f"has {key} {json.dumps(entry[key])}, which must be text"
+    for key in ("columns", "tags"):
+        value = entry.get(key)
+        if value is not None and not (isinstance(value, dict) and all(
+                isinstance(name, str) or name is None for name in value.values())):
+            return f"has {key} {json.dumps(value)[:80]}, which must map names to column names (text)"
+    if "ranking" in entry and not isinstance(entry["ranking"], bool):
+        return f"has ranking {json.dumps(entry['ranking'])}, which must be true or false"
+    count = entry.get("num_samples")
+    if count is not None and (type(count) is not int or count < 1):
+        return f"has num_samples {json.dumps(count)}, which must be a positive whole number"
+    return None
+
+
 def llama_factory_problem(entry):
     """Why a dataset_info.json entry cannot be trained here as LLaMA-Factory would, or None."""
-    columns = entry.get("columns") if isinstance(entry.get("columns"), dict) else {}
+    if problem := llama_factory_value_problem(entry):
+        return problem
+    columns = entry.get("columns") or {}
     if entry.get("ranking") or any(columns.get(key) for key in ("chosen", "rejected", "kto_tag")):
         return "is preference data (chosen and rejected answers), which supervised fine-tuning does not train"
     if media := [key for key in ("images", "videos", "audios") if columns.get(key)]:
         return f"has {' and '.join(media)}: this script fine-tunes on text only"
     if entry.get("formatting", "alpaca") not in LLAMA_FACTORY_COLUMNS:
         return f"has formatting '{entry['formatting']}'; alpaca and sharegpt are read"
+    if entry.get("formatting", "alpaca") == "alpaca" and "columns" in entry and not columns.get("response"):
+        return ("is pretraining data (its columns name no 'response', the replies supervised fine-tuning trains); "
+                "name the entry's response column, or train it with a pretraining tool")
+    if entry.get("formatting") == "sharegpt" and "columns" in entry and not columns.get("messages"):
+        return "names no 'messages' column (where its conversations are); name it in the entry's columns"
     if "hf_hub_url" not in entry and "file_name" not in entry:
         where = ("ModelScope (ms_hub_url)" if "ms_hub_url" in entry else "a loading script (script_url)"
                  if "script_url" in entry else "nowhere")

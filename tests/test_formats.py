@@ -216,6 +216,15 @@ def llama_factory(tmp_path):
         "remote": {"ms_hub_url": "someone/data"},
         "scripted": {"script_url": "my_script"},
         "other": {"file_name": "qa.json", "formatting": "openai"},
+        "count_as_text": {"file_name": "qa.json", "num_samples": "2"},
+        "negative_count": {"file_name": "qa.json", "num_samples": -1},
+        "fractional_count": {"file_name": "qa.json", "num_samples": 0.5},
+        "huge_count": {"file_name": "qa.json", "num_samples": 10 ** 15},
+        "pretraining": {"file_name": "qa.json", "columns": {"prompt": "question"}},
+        "no_messages": {"file_name": "dialogs.jsonl", "formatting": "sharegpt", "columns": {"system": "sys"}},
+        "file_as_list": {"file_name": ["qa.json"]},
+        "columns_as_list": {"file_name": "qa.json", "columns": ["question"]},
+        "ranking_as_text": {"file_name": "qa.json", "ranking": "no"},
     }
     (folder / "dataset_info.json").write_text(json.dumps(info))
     return folder
@@ -252,7 +261,16 @@ def test_dataset_info_entries_train_as_llama_factory_renders_them(tokenizer, tmp
     ("remote", "the entry 'remote' comes from ModelScope (ms_hub_url), which cannot be reached here"),
     ("scripted", "the entry 'scripted' comes from a loading script (script_url)"),
     ("other", "the entry 'other' has formatting 'openai'; alpaca and sharegpt are read"),
-    ("absent", "dataset_info.json has no dataset 'absent' (it has dialogs, other, pairs, pictures, plain, qa"),
+    ("absent", "dataset_info.json has no dataset 'absent' (it has columns_as_list, count_as_text, dialogs, "),
+    ("count_as_text", "the entry 'count_as_text' has num_samples \"2\", which must be a positive whole number"),
+    ("negative_count", "the entry 'negative_count' has num_samples -1, which must be a positive whole number"),
+    ("fractional_count", "the entry 'fractional_count' has num_samples 0.5, which must be a positive whole"),
+    ("huge_count", "huge_count (its num_samples): 1,000,000,000,000,000 samples would need"),
+    ("pretraining", "the entry 'pretraining' is pretraining data (its columns name no 'response'"),
+    ("no_messages", "the entry 'no_messages' names no 'messages' column"),
+    ("file_as_list", "the entry 'file_as_list' has file_name [\"qa.json\"], which must be text"),
+    ("columns_as_list", "the entry 'columns_as_list' has columns [\"question\"], which must map names"),
+    ("ranking_as_text", "the entry 'ranking_as_text' has ranking \"no\", which must be true or false"),
 ])
 def test_an_entry_that_cannot_be_honoured_is_one_line_naming_it(llama_factory, name, expected):
     with pytest.raises(finetune.UserError) as error:
