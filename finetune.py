@@ -1409,7 +1409,24 @@ def run_shape(training_args):
             "per_device": training_args.per_device_train_batch_size,
             "accumulation": training_args.gradient_accumulation_steps,
             "global_batch": training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-            * data_parallel, "zero_stage": deepspeed_zero_stage(training_args)}
+            * data_parallel, "zero_stage": deepspeed_zero_stage(training_args), "optimizer": optimizer_name(training_args)}
+
+
+def optimizer_name(training_args):
+    """The optimizer a run trains with: --optim, or the `optimizer` block of a DeepSpeed config (which wins)."""
+    config = training_args.deepspeed
+    if config and not isinstance(config, dict):
+        with contextlib.suppress(OSError, ValueError), open(config) as f:
+            config = json.load(f)
+    if isinstance(config, dict) and isinstance(config.get("optimizer"), dict):
+        return f"deepspeed:{config['optimizer'].get('type', '?')}"
+    return str(getattr(training_args.optim, "value", training_args.optim))
+
+
+# The optimizers whose DeepSpeed state ds_to_universal converts (it reads Adam's exp_avg and exp_avg_sq; DeepSpeed
+# 0.19): a checkpoint of any other cannot be resumed on another number of processes.
+UNIVERSAL_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused",
+                        "deepspeed:Adam", "deepspeed:AdamW", "deepspeed:adam", "deepspeed:adamw")
 
 
 def fit_run_to_checkpoint(training_args, checkpoint):
@@ -1433,6 +1450,13 @@ def fit_run_to_checkpoint(training_args, checkpoint):
     if universal and recorded["zero_stage"] != now["zero_stage"]:
         raise UserError(f"{checkpoint} was written by DeepSpeed ZeRO-{recorded['zero_stage']}; resume it with the "
                         "same --deepspeed config")
+    optimizer = recorded.get("optimizer") or now["optimizer"]  # older checkpoints do not record it
+    if universal and optimizer not in UNIVERSAL_OPTIMIZERS:
+        raise UserError(f"{checkpoint} was written by DeepSpeed on {recorded['processes']} processes with the "
+                        f"optimizer {optimizer.removeprefix('deepspeed:')}, whose state DeepSpeed cannot convert for "
+                        f"{now['processes']} (its universal checkpoints hold Adam's only: --optim "
+                        f"{' or '.join(o for o in UNIVERSAL_OPTIMIZERS[:2])}); resume it on {recorded['processes']} "
+                        "processes, or start afresh with --overwrite_output_dir true")
     if universal:
         agreed_by_all_ranks(make_universal_checkpoint, checkpoint)
     log.info(f"resuming {checkpoint} ({recorded['processes']} processes, {recorded['per_device']} per device x "
@@ -1447,11 +1471,15 @@ def no_accumulation_fits(checkpoint, recorded, now):
     sizes = [b for b in range(1, global_batch + 1) if global_batch % (b * now["data_parallel"]) == 0]
     processes = [d * sequence for d in range(1, global_batch // now["per_device"] + 1)
                  if global_batch % (now["per_device"] * d) == 0]
+    ways = [f"--per_device_train_batch_size {' or '.join(map(str, sizes[:6]))} here"] if sizes else []
+    if processes:
+        ways.append(f"{' or '.join(map(str, processes[:6]))} processes"
+                    + (f" with --per_device_train_batch_size {now['per_device']}" if not sizes else ""))
     return (f"{checkpoint} was trained with a global batch of {global_batch} samples a step ({recorded['per_device']} "
             f"per device x {recorded['accumulation']} accumulation x {recorded['data_parallel']} data-parallel "
             f"processes); {now['per_device']} per device on {now['data_parallel']} cannot make {global_batch} with "
-            f"any accumulation: use --per_device_train_batch_size {' or '.join(map(str, sizes[:6])) or '?'} here, "
-            f"or {' or '.join(map(str, processes[:6]))} processes")
+            f"any accumulation{'' if sizes else ', nor can any other per-device batch size'}: use "
+            f"{', or '.join(ways) or f'a number of data-parallel processes that divides {global_batch}'}")
 
 
 def with_accumulation(training_args, accumulation, universal):

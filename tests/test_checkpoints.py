@@ -347,6 +347,45 @@ def test_a_one_process_checkpoint_resumes_on_two(tiny_qwen2, tmp_path):
     assert_resume_matches(whole, resumed, "adapter_model.safetensors")
 
 
+@pytest.mark.e2e
+@pytest.mark.distributed
+def test_a_deepspeed_checkpoint_of_an_optimizer_without_adam_state_is_refused_on_another_number_of_processes(
+        tiny_qwen2, tmp_path):
+    flags = ["--deepspeed", os.path.join(ROOT, "ds_config_zero2.json"), *RESUME_LORA, "--optim", "sgd",
+             "--learning_rate", "1e-2", "--max_steps", "3", "--gradient_accumulation_steps", "2"]
+    out = str(tmp_path / "sgd")
+    assert_success(launch(2, tiny_qwen2, out, *flags))
+    result = launch(1, tiny_qwen2, out, *flags)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert errors == [f"error: {out}/checkpoint-3 was written by DeepSpeed on 2 processes with the optimizer sgd, "
+                      "whose state DeepSpeed cannot convert for 1 (its universal checkpoints hold Adam's only: --optim "
+                      "adamw_torch or adamw_torch_fused); resume it on 2 processes, or start afresh with "
+                      "--overwrite_output_dir true"]
+    assert "Traceback" not in result.stderr and not os.path.exists(os.path.join(out, "checkpoint-3", "latest_universal"))
+
+
+@pytest.mark.parametrize("optimizer, refused", [("sgd", True), ("adafactor", True), ("deepspeed:Lamb", True),
+                                                ("adamw_torch", False), ("deepspeed:AdamW", False), (None, False)])
+def test_only_optimizers_with_adam_state_resume_deepspeed_checkpoints_on_another_number_of_processes(
+        tmp_path, monkeypatch, optimizer, refused):
+    checkpoint = shaped_checkpoint(tmp_path / "checkpoint-3", zero_stage=3, optimizer=optimizer)
+    monkeypatch.setattr(finetune.TrainingArguments, "world_size", property(lambda self: 1))
+    monkeypatch.setattr(finetune, "deepspeed_zero_stage", lambda args: 3)
+    converted = []
+    monkeypatch.setattr(finetune, "make_universal_checkpoint", converted.append)
+    args = finetune.TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none",
+                                      per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    if refused:
+        with pytest.raises(finetune.UserError, match=f"with the optimizer {optimizer.removeprefix('deepspeed:')}, "
+                                                     "whose state DeepSpeed cannot convert for 1"):
+            finetune.fit_run_to_checkpoint(args, checkpoint)
+        assert not converted  # refused before the (slow) conversion
+    else:  # None: a checkpoint of an older release, judged by this run's --optim (adamw_torch)
+        assert finetune.fit_run_to_checkpoint(args, checkpoint).gradient_accumulation_steps == 4
+        assert converted == [checkpoint]
+
+
 def shaped_checkpoint(folder, **shape):
     recorded = {"processes": 2, "data_parallel": 2, "per_device": 1, "accumulation": 2, "global_batch": 4,
                 "zero_stage": None, **shape}
@@ -372,10 +411,19 @@ def test_a_global_batch_no_accumulation_can_keep_is_one_line_naming_what_would(t
                                       per_device_train_batch_size=1, gradient_accumulation_steps=2)
     with pytest.raises(finetune.UserError) as error:
         finetune.fit_run_to_checkpoint(args, checkpoint)
+    # No per-device batch makes 4 on 3 processes: the numbers of processes that would, never a "?".
     assert str(error.value) == (
         f"{checkpoint} was trained with a global batch of 4 samples a step (1 per device x 2 accumulation x 2 "
-        "data-parallel processes); 1 per device on 3 cannot make 4 with any accumulation: use "
-        "--per_device_train_batch_size ? here, or 1 or 2 or 4 processes")
+        "data-parallel processes); 1 per device on 3 cannot make 4 with any accumulation, nor can any other "
+        "per-device batch size: use 1 or 2 or 4 processes with --per_device_train_batch_size 1")
+    monkeypatch.setattr(finetune.TrainingArguments, "world_size", property(lambda self: 1))
+    args = finetune.TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none",
+                                      per_device_train_batch_size=3, gradient_accumulation_steps=2)
+    with pytest.raises(finetune.UserError) as error:
+        finetune.fit_run_to_checkpoint(args, checkpoint)
+    assert str(error.value).endswith("3 per device on 1 cannot make 4 with any accumulation: use "
+                                     "--per_device_train_batch_size 1 or 2 or 4 here")
+    assert "?" not in str(error.value)
 
 
 def test_resuming_on_new_data_starts_from_copies_and_leaves_the_parsed_flags_as_given():
