@@ -3568,25 +3568,41 @@ def keep_packed_samples_apart(model):
     position ids, but a linear-attention (Gated DeltaNet) layer carries a recurrent state and a causal convolution
     along the row, from one sample into the next. Each such layer instead runs on the row's samples as a batch of
     their own (cut at the collator's cu_seq_lens, padded at the end, which no earlier position sees): exact with
-    the PyTorch fallback and with the flash-linear-attention kernels alike."""
+    the PyTorch fallback and with the flash-linear-attention kernels alike.
+
+    Hooks, not a replaced forward: transformers 5.25 with the `kernels` package re-selects every layer's forward
+    when the model changes between train() and eval(), which dropped a forward set on the layer."""
     for module in list(model.modules()):
-        if isinstance(getattr(module, "linear_attn", None), torch.nn.Module):
-            layer = module.linear_attn
-            layer.forward = functools.partial(forward_each_sample, layer.forward)
+        layer = getattr(module, "linear_attn", None)
+        if isinstance(layer, torch.nn.Module):
+            layer.packed_row_lengths = []  # a stack: one entry per call in progress (None: not a packed row)
+            layer.register_forward_pre_hook(split_packed_row, with_kwargs=True)
+            layer.register_forward_hook(join_packed_row, with_kwargs=True)
 
 
-def forward_each_sample(forward, hidden_states, **kwargs):
-    """`forward` of a linear-attention layer on each sample of a packed row [1, tokens, hidden] on its own."""
+def split_packed_row(layer, args, kwargs):
+    """Before a linear-attention layer: a packed row [1, tokens, hidden] becomes its samples [samples, longest,
+    hidden], and the row's boundaries are taken out of what the layer sees."""
     boundaries = kwargs.pop("cu_seq_lens_q", None)
-    if boundaries is None:  # not a packed row
-        return forward(hidden_states=hidden_states, **kwargs)
-    for name in ("cu_seq_lens_k", "max_length_q", "max_length_k", "attention_mask"):
+    layer.packed_row_lengths.append(None if boundaries is None else boundaries.diff().tolist())
+    if boundaries is None:
+        return args, kwargs
+    for name in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
         kwargs.pop(name, None)
-    lengths = boundaries.diff().tolist()
-    samples = torch.nn.utils.rnn.pad_sequence(hidden_states[0].split(lengths), batch_first=True)
-    out = forward(hidden_states=samples, attention_mask=None, **kwargs)  # [samples, longest, hidden]
-    real = torch.arange(samples.shape[1], device=out.device)[None] < torch.tensor(lengths, device=out.device)[:, None]
-    return out[real][None]
+    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    samples = torch.nn.utils.rnn.pad_sequence(hidden_states[0].split(layer.packed_row_lengths[-1]), batch_first=True)
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": samples, "attention_mask": None}
+    return (samples, *args[1:]), {**kwargs, "attention_mask": None}
+
+
+def join_packed_row(layer, args, kwargs, output):
+    """After it: the samples' outputs [samples, longest, hidden] back into one row [1, tokens, hidden]."""
+    lengths = layer.packed_row_lengths.pop()
+    if lengths is None:
+        return output
+    real = torch.arange(output.shape[1], device=output.device)[None] < torch.tensor(lengths, device=output.device)[:, None]
+    return output[real][None]
 
 
 def model_class(config):

@@ -1,6 +1,7 @@
 """Throughput of the ways to batch and score SFT data, side by side in one run, on the CPU.
 
     python benchmarks/throughput.py [--samples 12] [--modes abcdefghijk] [--workdir /tmp/qwen-finetune-bench]
+    python benchmarks/throughput.py --smoke      # every mode on a tiny model in one process: a check, no numbers
 
 One random-weight Qwen2 model (hidden 256, 4 layers, the real 151,680-entry vocabulary: ~42M parameters) and one
 synthetic data set (token lengths log-normal, median ~300, capped at 2048; 40% prompt, 60% answer) are built once;
@@ -43,6 +44,12 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 MAX_LENGTH = 2048
 BATCH = 4
+# The benchmark's models: ~42M parameters with the real vocabulary; --smoke's is a tiny one, to check that every mode
+# still runs (the default test run executes it, so that the benchmark cannot rot unseen).
+SHAPE = dict(vocab_size=151680, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=64)
+SMOKE_SHAPE = dict(SHAPE, hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16)
+SMOKE_MAX_LENGTH = 256
 MODES = {
     "a": "pad to model_max_length",
     "b": "dynamic padding",
@@ -69,7 +76,7 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build(workdir, samples, seed=0):
+def build(workdir, samples, seed=0, shape=SHAPE):
     """The model and the data set, written once and shared by every mode."""
     import transformers
     from tiny_qwen import qwen_tokenizer_dir
@@ -77,24 +84,24 @@ def build(workdir, samples, seed=0):
     import torch
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
-    shape = dict(vocab_size=151680, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
-                 eos_token_id=151645, pad_token_id=151643, bos_token_id=151643)
+    shape = dict(shape, max_position_embeddings=4096, eos_token_id=151645, pad_token_id=151643, bos_token_id=151643)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(tie_word_embeddings=True, **shape),
                                                           dtype=torch.float32)
     model.save_pretrained(os.path.join(workdir, "model"))
     tokenizer.save_pretrained(os.path.join(workdir, "model"))
     hybrid = transformers.Qwen3_5Config(
-        text_config=dict(**shape, layer_types=["linear_attention"] * 3 + ["full_attention"], linear_key_head_dim=64,
-                         linear_value_head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=256))
+        text_config=dict(**{**shape, "num_hidden_layers": 4}, layer_types=["linear_attention"] * 3 + ["full_attention"],
+                         linear_key_head_dim=shape["head_dim"], linear_value_head_dim=shape["head_dim"],
+                         linear_num_key_heads=2, linear_num_value_heads=4),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                           out_hidden_size=shape["hidden_size"]))
     torch.manual_seed(seed)
     transformers.AutoModelForImageTextToText.from_config(hybrid, dtype=torch.float32).save_pretrained(
         os.path.join(workdir, "hybrid"))
     tokenizer.save_pretrained(os.path.join(workdir, "hybrid"))
-    moe = transformers.Qwen3MoeConfig(**{**shape, "intermediate_size": 704}, num_experts=8, num_experts_per_tok=2,
-                                      moe_intermediate_size=352, tie_word_embeddings=True)
+    moe = transformers.Qwen3MoeConfig(**shape, num_experts=8, num_experts_per_tok=2,
+                                      moe_intermediate_size=shape["intermediate_size"] // 2, tie_word_embeddings=True)
     torch.manual_seed(seed)
     transformers.AutoModelForCausalLM.from_config(moe, dtype=torch.float32).save_pretrained(os.path.join(workdir, "moe"))
     tokenizer.save_pretrained(os.path.join(workdir, "moe"))
@@ -209,7 +216,13 @@ def loss_memory(kind, batch=8, length=1024, vocab=151680, hidden=256, chunk=1024
                                                  ignore_index=-100)
     else:
         class Holder(torch.nn.Module):
+            """What ChunkedCausalLMLoss asks of a model: its lm_head, its input embeddings (here tied to it, which
+            only matters under ZeRO-3) and its decoder, whose output the loss would keep (set directly below)."""
+
             def get_output_embeddings(self):
+                return lm_head
+
+            def get_input_embeddings(self):
                 return lm_head
 
             def get_decoder(self):
@@ -278,15 +291,20 @@ def language_model_size(model_dir):
     return model.config.get_text_config().to_dict(), params, 2
 
 
-def child(args):
-    if args.child == "peak":
-        result = matmul_peak()
-    elif args.child.startswith("loss:"):
-        result = loss_memory(args.child[5:])
+def measured(what, workdir, smoke=False):
+    """One measurement's numbers (in the process of its own that run_child starts, or in this one for --smoke)."""
+    if what == "peak":
+        result = matmul_peak(size=256 if smoke else 2048)
+    elif what.startswith("loss:"):
+        result = loss_memory(what[5:], **(dict(batch=2, length=128) if smoke else {}))
     else:
-        result = run_mode(args.child, args.workdir)
+        result = run_mode(what, workdir)
     result["peak_rss_mb"] = peak_rss_mb()
-    print("RESULT " + json.dumps(result), flush=True)
+    return result
+
+
+def child(args):
+    print("RESULT " + json.dumps(measured(args.child, args.workdir)), flush=True)
 
 
 def result_of(command, **env):
@@ -298,7 +316,12 @@ def result_of(command, **env):
     return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
 
 
-def run_child(what, workdir):
+def run_child(what, workdir, smoke=False):
+    if smoke:  # every mode's code runs, in this process: its memory and speed mean nothing
+        try:
+            return measured(what, workdir, smoke=True)
+        except Exception as e:  # noqa: BLE001 - reported in the table, as a child's failure is
+            return {"error": f"{type(e).__name__}: {e}"}
     return result_of([sys.executable, __file__, "--child", what, "--workdir", workdir],
                      HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
@@ -308,17 +331,23 @@ def main():
     parser.add_argument("--samples", type=int, default=12)
     parser.add_argument("--workdir", default="/tmp/qwen-finetune-bench")
     parser.add_argument("--modes", default="abcdefghijk")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every mode on a tiny model (4 samples) in this process, to check that it runs")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
 
+    global MAX_LENGTH
+    if args.smoke:
+        MAX_LENGTH, args.samples = SMOKE_MAX_LENGTH, min(args.samples, 4)
+        os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     os.makedirs(args.workdir, exist_ok=True)
-    params = build(args.workdir, args.samples)
+    params = build(args.workdir, args.samples, shape=SMOKE_SHAPE if args.smoke else SHAPE)
     print(f"model: random Qwen2, {params / 1e6:.1f}M parameters; data: {args.samples} samples, log-normal lengths "
           f"(median ~300 tokens, max {MAX_LENGTH}); batch {BATCH}; fp32; {os.cpu_count()} CPU cores; "
           f"{time.strftime('%Y-%m-%d')}\n")
-    peak = run_child("peak", args.workdir)
+    peak = run_child("peak", args.workdir, args.smoke)
     with open(os.path.join(args.workdir, "model", "config.json")) as f:
         config = json.load(f)
     if "error" not in peak:
@@ -329,14 +358,16 @@ def main():
     headers = {"hybrid": f"\nthe Qwen3.5-style hybrid of the same width: {hybrid[1] / 1e6:.1f}M language-model "
                          "parameters (lm_head untied), 3 linear-attention layers to 1 attention layer",
                "moe": f"\nthe Qwen3-MoE of the same width: {moe[1] / 1e6:.1f}M parameters active per token"}
+    failures = [] if "error" not in peak else ["peak"]
     print(f"{'mode':<40} {'real tok/s':>10} {'trained tok/s':>13} {'peak RSS MB':>11} {'x first':>7} {'MFU':>6}")
     for mode in args.modes:
         family = "hybrid" if mode in HYBRID_MODES else "moe" if mode in MOE_MODES else "dense"
         if family not in first and family in headers:
             print(headers[family])
-        result = run_child(mode, args.workdir)
+        result = run_child(mode, args.workdir, args.smoke)
         if "error" in result:
             print(f"({mode}) {MODES[mode]:<36} failed: {result['error'][:120]}")
+            failures.append(mode)
             continue
         real = result["real_tokens"] / result["seconds"]
         trained = (result["trained_tokens"] or 0) / result["seconds"]
@@ -347,17 +378,21 @@ def main():
         print(f"({mode}) {MODES[mode]:<36} {real:>10.1f} {trained:>13.1f} {result['peak_rss_mb']:>11.0f} "
               f"{real / base:>7.2f} {mfu}")
 
-    print("\nloss alone, 8 x 1024 tokens, vocabulary 151,680, half the positions trained (forward + backward):")
-    memory = {kind: run_child(f"loss:{kind}", args.workdir) for kind in ("standard", "chunked")}
+    print(f"\nloss alone, {'2 x 128' if args.smoke else '8 x 1024'} tokens, vocabulary 151,680, half the positions "
+          "trained (forward + backward):")
+    memory = {kind: run_child(f"loss:{kind}", args.workdir, args.smoke) for kind in ("standard", "chunked")}
     for kind, result in memory.items():
         if "error" in result:
             print(f"  {kind:<9} failed: {result['error'][:120]}")
+            failures.append(f"loss:{kind}")
         else:
             print(f"  {kind:<9} peak memory added {result['peak_added_mb']:>7.0f} MB, {result['seconds']:.2f} s, "
                   f"loss {result['loss']:.6f}")
     if all("error" not in r for r in memory.values()):
         ratio = memory["standard"]["peak_added_mb"] / max(memory["chunked"]["peak_added_mb"], 1)
         print(f"  the chunked loss needs {ratio:.1f}x less memory")
+    if failures:
+        sys.exit(f"failed: {', '.join(failures)}")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ PACKING_CASES = [("qwen2", "sdpa"), ("qwen2", "eager"), ("qwen3", "sdpa"), ("qwe
 @pytest.mark.parametrize("arch,attn", PACKING_CASES, ids=[f"{a}-{b}" for a, b in PACKING_CASES])
 def test_packed_samples_do_not_see_each_other(tiny_models, tmp_path, examples, tokenizer, arch, attn):
     lora = {"lora_dropout": 0.0} if attn.endswith("+lora") else {}
-    model = load(tiny_models(arch), tmp_path, attn=attn.split("+")[0], packing=True, **lora).eval()
+    model = load(tiny_models(arch), tmp_path, attn=attn.split("+")[0], packing=True, **lora)
+    model.train()  # a switch of mode (as the Trainer makes) must keep the samples apart: with the `kernels` package,
+    model.eval()  # transformers 5.25 re-selects each layer's forward then
     layers = model.config.get_text_config().num_hidden_layers
     packed = finetune.make_collator(tokenizer, packing=True)(examples)
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
