@@ -4398,7 +4398,21 @@ class FinetuneTrainer(transformers.Trainer):
       transformers.trainer.skip_first_batches   replaced while resuming under sequence parallelism
                                          (resumable_sequence_parallel_loader)
       transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref   cleared while a skeleton is built on
-                                         the meta device under ZeRO-3 (without_zero3_init)"""
+                                         the meta device under ZeRO-3 (without_zero3_init)
+    and elsewhere in this file (each also checked there):
+      HfTrainerDeepSpeedConfig.trainer_config_process   a DeepSpeed config for another accumulation
+                                         (with_accumulation)
+      integration_utils.INTEGRATION_TO_CALLBACK   the --report_to names (check_report_to)
+      modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES   which checkpoints load multimodal (model_class)
+      AutoModel*._model_mapping          the class of a skeleton for --lora_target_modules (check_lora_targets)
+      EarlyStoppingCallback.early_stopping_patience_counter   restored on resume (early_stopping)
+      ArgumentParser._actions            every flag's type (check_finite, config_flags)
+      AcceleratorConfig.use_configured_state with accelerate's PartialState   DeepSpeed on the CPU
+                                         (prepare_launch_environment)
+      UlyssesSPDataLoaderAdapter fields (dl, sp_rank, sp_group, sp_world_size, device)   re-wrapped on resume
+                                         (resumable_sequence_parallel_loader)
+      ds_to_universal.main(args)         called with a hand-built Namespace (make_universal_checkpoint)
+      peft.tuners.lora.ParamWrapper      adapters of parameters, which peft gives no dropout (apply_lora_dropout)"""
 
     def __init__(self, model, args, **kwargs):
         super().__init__(model=model, args=args, **kwargs)
@@ -4612,11 +4626,56 @@ def train(argv=None):
 def prepare(argv):
     """The flags parsed and checked, the output folder claimed, the data sources resolved: before anything slow."""
     model_args, data_args, training_args, lora_args = parse_arguments(argv)
+    report_versions()
     agreed_by_all_ranks(claim_output_dir, training_args.output_dir, model_args.model_name_or_path)
     sources = agreed_by_all_ranks(resolve_sources, data_args.data_path)
     eval_sources = agreed_by_all_ranks(resolve_sources, data_args.eval_data_path, "--eval_data_path") \
         if data_args.eval_data_path else None
     return Run(model_args, data_args, training_args, lora_args, sources, eval_sources)
+
+
+# The libraries a run's results depend on, whose versions every run reports; constraints.txt (beside this script)
+# holds the versions the test suite passed with.
+RUN_LIBRARIES = ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "deepspeed", "datasets", "safetensors")
+CONSTRAINTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "constraints.txt")
+
+
+def tested_versions(path=None):
+    """{package: version} from a constraints file of `name==version` lines ({} without the file)."""
+    versions = {}
+    with contextlib.suppress(OSError), open(path or CONSTRAINTS) as f:
+        for line in f:
+            name, pinned, version = line.split("#")[0].strip().partition("==")
+            if pinned:
+                versions[name.strip().lower().replace("_", "-")] = version.strip()
+    return versions
+
+
+def installed_versions(names=RUN_LIBRARIES):
+    versions = {}
+    for name in names:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
+    return versions
+
+
+def report_versions():
+    """The installed versions of the libraries beside those the test suite passed with, and one line naming every
+    one that differs (a library release can change results: users of other tools have seen releases break
+    training); the build tag of torch (+cpu, +cu128) does not count."""
+    tested, installed = tested_versions(), installed_versions()
+    if not tested:
+        log.info("libraries: " + ", ".join(f"{name} {version}" for name, version in installed.items()) +
+                 f" (no {os.path.basename(CONSTRAINTS)} beside finetune.py to compare them with)")
+        return
+    log.info("libraries, installed (tested): " + ", ".join(
+        f"{name} {version} ({tested.get(name, 'not tested')})" for name, version in installed.items()))
+    untested = [name for name, version in installed.items() if version.split("+")[0] != tested.get(name)]
+    if untested:
+        log.warning(f"{', '.join(f'{name} {installed[name]}' for name in untested)}: not the version"
+                    f"{'s' if len(untested) > 1 else ''} the test suite passed with "
+                    f"({', '.join(tested.get(name, 'none') for name in untested)}, {CONSTRAINTS}); the run may "
+                    "still be right, but nothing has shown it")
 
 
 def preview_data(run):

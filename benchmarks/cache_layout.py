@@ -81,6 +81,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--workdir", default="/tmp/qwen-finetune-bench")
+    parser.add_argument("--smoke", action="store_true", help="300 samples: that both layouts still read")
     parser.add_argument("--child")
     parser.add_argument("--folder")
     parser.add_argument("--path")
@@ -90,6 +91,8 @@ def main():
         return
     import finetune
 
+    if args.smoke:
+        args.samples = 300
     os.makedirs(args.workdir, exist_ok=True)
     path = os.path.join(args.workdir, f"layout_{args.samples}.jsonl")
     write_data(path, args.samples, median_tokens=300)
@@ -104,18 +107,21 @@ def main():
     sizes = {name: sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
              for name, folder in (("numpy", numpy_cache), ("arrow", arrow))}
     print(f"{'layout':<8} {'on disk MB':>10} {'open s':>7} {'read all s':>10} {'10k random s':>12} {'private MB':>10}")
-    results = {}
+    results, failed = {}, False
     for kind, folder in (("numpy", numpy_cache), ("arrow", arrow)):
         results[kind] = result_of([sys.executable, __file__, "--child", kind, "--folder", folder, "--path", path])
         r = results[kind]
         if "error" in r:
             print(f"{kind:<8} failed: {r['error']}")
+            failed = True
             continue
         print(f"{kind:<8} {sizes[kind] / 2**20:>10.0f} {r['open_s']:>7.2f} {r['every_s']:>10.1f} {r['random_s']:>12.2f} "
               f"{r['private_mb']:>10.0f}")
     if "error" not in results["numpy"] and "error" not in results["arrow"]:
         assert results["numpy"]["tokens"] == results["arrow"]["tokens"]
         print(f"reading every sample: numpy {results['arrow']['every_s'] / results['numpy']['every_s']:.1f}x faster")
+    if failed:
+        sys.exit("failed: a layout could not be read")
 
 
 if __name__ == "__main__":

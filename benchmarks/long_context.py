@@ -1,6 +1,7 @@
 """Peak memory per rank and tokens/s of one long sample, with and without sequence parallelism, in one run on the CPU.
 
     python benchmarks/long_context.py [--lengths 8192,16384] [--workdir /tmp/qwen-finetune-long]
+    python benchmarks/long_context.py --smoke     # one short sample on a tiny model, N = 1 and 2: a check, no numbers
 
 The benchmark's random Qwen2 (benchmarks/throughput.py: ~42M parameters, the real 151,680-entry vocabulary) is
 stretched with --rope_scaling 4 (YaRN) and fully fine-tuned for one optimizer step under ZeRO-3 with the chunked
@@ -24,7 +25,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from throughput import WORDS, build, peak_rss_mb  # noqa: E402
+from throughput import SHAPE, SMOKE_SHAPE, WORDS, build, peak_rss_mb  # noqa: E402
 
 CHUNK = 256  # --loss_chunk_size: its logits (chunk x vocabulary floats) are a fixed cost of every length
 
@@ -85,31 +86,35 @@ def main():
     parser.add_argument("--lengths", default="8192,16384")
     parser.add_argument("--base", type=int, default=1024, help="the short sample whose peak is the fixed part")
     parser.add_argument("--workdir", default="/tmp/qwen-finetune-long")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one sample of 256 tokens on a tiny model, without the short base run: that it runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.worker:
         return worker(rest[1:] if rest[:1] == ["--"] else rest, args.worker)
 
+    if args.smoke:
+        args.lengths, args.base = "256", 0
     os.makedirs(args.workdir, exist_ok=True)
-    params = build(args.workdir, samples=0)
+    params = build(args.workdir, samples=0, shape=SMOKE_SHAPE if args.smoke else SHAPE)
     lengths = [int(n) for n in args.lengths.split(",")]
     print(f"model: random Qwen2, {params / 1e6:.1f}M parameters, YaRN x4; ZeRO-3, chunked loss (chunks of {CHUNK}), "
           f"fp32, 2 processes (gloo); {os.cpu_count()} CPU cores; {time.strftime('%Y-%m-%d')}\n")
     print(f"{'tokens':>7} {'N':>2} {'peak RSS/rank MB':>16} {'activations MB':>14} {'tokens/s':>9} {'loss':>9}")
-    results, port = {}, 29650
+    results, failed = {}, []
     for split in (1, 2):
-        for tokens in [args.base, *lengths]:
-            port += 1
-            results[tokens, split] = result = measure(args.workdir, tokens, split, port)
+        for tokens in [args.base, *lengths] if args.base else lengths:  # --base 0: no base run
+            results[tokens, split] = result = measure(args.workdir, tokens, split, free_port())
             if "error" in result:
                 print(f"{tokens:>7} {split:>2} failed: {result['error'][:120]}")
+                failed.append(f"{tokens} tokens, N = {split}")
                 continue
             base = results.get((args.base, split), {})
             result["activations_mb"] = result["peak_mb"] - base.get("peak_mb", result["peak_mb"])
             print(f"{tokens:>7} {split:>2} {result['peak_mb']:>16.0f} {result['activations_mb']:>14.0f} "
                   f"{result['tokens_per_second']:>9.1f} {result['loss']:>9.4f}", flush=True)
     print()
-    for tokens in lengths:
+    for tokens in lengths if args.base else ():  # the comparisons need the base run's fixed part
         one, two = results.get((tokens, 1), {}), results.get((tokens, 2), {})
         if "activations_mb" in one and "activations_mb" in two:
             print(f"{tokens} tokens: activations per rank {one['activations_mb'] / max(two['activations_mb'], 1):.2f}x "
@@ -121,6 +126,16 @@ def main():
             per_token = grown / (long_ - short)
             print(f"N = {split}: {per_token * 1024:.0f} MB per 1k tokens of sample per rank "
                   f"({long_ - short} tokens from {short} to {long_})")
+    if failed:
+        sys.exit(f"failed: {'; '.join(failed)}")
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -81,9 +81,15 @@ def measure(kind, path, template, cache, workers):
             "private_mb": private_mb() - private_before, "rank": int(os.environ.get("RANK", "0"))}
 
 
+FAILED = []  # the measurements that failed: the run then exits non-zero (its --smoke is part of the tests)
+
+
 def run_child(kind, path, template="chatml", cache="", workers=1, threads="true"):
-    return result_of([sys.executable, __file__, "--child", kind, "--path", path, "--template", template,
-                      "--cache", cache, "--workers", str(workers)], TOKENIZERS_PARALLELISM=threads)
+    result = result_of([sys.executable, __file__, "--child", kind, "--path", path, "--template", template,
+                        "--cache", cache, "--workers", str(workers)], TOKENIZERS_PARALLELISM=threads)
+    if "error" in result:
+        FAILED.append(f"{kind}: {result['error']}")
+    return result
 
 
 def run_ranks(ranks, path, cache):
@@ -92,6 +98,8 @@ def run_ranks(ranks, path, cache):
                str(29400 + ranks), __file__, "--child", "ranks", "--path", path, "--cache", cache, "--workers", "2"]
     proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "true"})
     results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or len(results) != ranks:
+        FAILED.append(f"{ranks} ranks: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     return results, proc.stderr
 
 
@@ -105,6 +113,7 @@ def main():
     parser.add_argument("--template", default="chatml")
     parser.add_argument("--cache", default="")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="200 samples, one size: that every step still runs")
     parser.add_argument("--before", default="5fd3cba",
                         help="git revision whose eager dataset (no cache, in each rank's memory) the table compares")
     args = parser.parse_args()
@@ -113,6 +122,8 @@ def main():
         result = measure(args.child, args.path, args.template, args.cache, args.workers)
         print("RESULT " + json.dumps(result), flush=True)
         return
+    if args.smoke:
+        args.speed_samples, args.sizes = 200, "200"
     os.makedirs(args.workdir, exist_ok=True)
     print(f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}\n")
 
@@ -171,6 +182,8 @@ def main():
           "rank; 1/2 rank(s) MB: "
           "the private memory each rank adds with the cache, after reading every sample; build s: the 2-rank "
           "cold start, 2 workers)")
+    if FAILED:
+        sys.exit("failed: " + "; ".join(FAILED))
 
 
 def fresh(folder):

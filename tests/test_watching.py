@@ -127,6 +127,8 @@ def assert_greedy_reply(model, tokenizer, row, max_new_tokens):
 def test_early_stopping_keeps_the_best_checkpoint_past_the_save_limit_and_makes_it_the_result(tiny_qwen3, tmp_path):
     """One run watched every way a user would: early stopping on a rising eval loss, the replies at each
     evaluation, TensorBoard, the model card."""
+    pytest.importorskip("tensorboard", reason="TensorBoard is not installed (pip install tensorboard): this run "
+                        "reports to it")
     train, evaluation = yes_no_data(tmp_path)
     out = str(tmp_path / "out")
     result = run_in_process(["--model_name_or_path", tiny_qwen3, "--data_path", train, "--eval_data_path", evaluation,
