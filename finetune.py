@@ -279,6 +279,12 @@ class TrainingArguments(transformers.TrainingArguments):
     early_stopping_threshold: float = field(
         default=0.0, metadata={"help": "How much --metric_for_best_model must improve to count, for early stopping."}
     )
+    save_mtp: bool = field(
+        default=True,
+        metadata={"help": "Full fine-tunes: carry the checkpoint's multi-token-prediction block (mtp.*, which "
+                  "transformers does not load, so it is not trained) into the saved model, for vLLM's speculative "
+                  "decoding and llama.cpp; false leaves it out and sets mtp_num_hidden_layers to 0 in the config."},
+    )
 
     def __post_init__(self):
         if self.group_by_length:
@@ -3526,6 +3532,9 @@ def load_model(model_args, training_args, lora_args):
         raise UserError(f"--model_name_or_path {model_args.model_name_or_path}: cannot load the model "
                         f"({first_line(e)})") from None
     set_use_cache(model, False)  # the cache only costs memory in training, and it would undo packing's isolation
+    if dtype != torch.float32 and not lora_args.q_lora and not uses_zero3() and (
+            folder := local_model_folder(model_args.model_name_or_path)):
+        keep_stored_fp32(model, folder)  # ZeRO-3 has partitioned the weights: they are retyped when saved
     if training_args.packing:
         keep_packed_samples_apart(model)
 
@@ -4564,7 +4573,162 @@ class FinetuneTrainer(transformers.Trainer):
             super().save_model(output_dir, _internal_call=_internal_call)
         if hasattr(model, "peft_config") and self.args.should_save:
             save_base_config_changes(model.get_base_model().config, output_dir)
+        elif self.args.should_save:  # a full model: with what its class does not load, in the stored dtypes
+            carried, retyped = complete_saved_model(model, output_dir, self.args.save_mtp)
+            done = [f"{len(carried)} tensors of {model.name_or_path} that the model class does not load (the "
+                    "multi-token-prediction block) carried over unchanged"] if carried else []
+            done += [f"{len(retyped)} tensors saved in the dtype the checkpoint stores them in"] if retyped else []
+            if done and not _internal_call:
+                log.info(f"{output_dir}: {'; '.join(done)}")
         set_use_cache(model, False)
+
+
+# -- what a saved model holds: every tensor of the checkpoint it started from, in the dtype that one stored it in
+
+@dataclass
+class StoredTensor:
+    """One tensor of a model folder's safetensors files, as its header describes it (nothing is read)."""
+
+    file: str
+    dtype: str  # safetensors' name: F32, BF16, F16, ...
+    shape: list
+    nbytes: int
+
+
+def stored_tensors(folder) -> dict:
+    """{name: StoredTensor} of a model folder: the files its index lists, else its model*.safetensors files."""
+    index = os.path.join(folder, SAFE_INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = list(dict.fromkeys(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(name for name in os.listdir(folder) if name.startswith("model") and name.endswith(".safetensors"))
+    from safetensors import safe_open
+
+    tensors = {}
+    for name in files:
+        with safe_open(os.path.join(folder, name), framework="pt") as f:
+            for key in f.keys():
+                part = f.get_slice(key)
+                shape = list(part.get_shape())
+                tensors[key] = StoredTensor(name, part.get_dtype(), shape, math.prod(shape) * DTYPE_BYTES[part.get_dtype()])
+    return tensors
+
+
+SAFE_INDEX = "model.safetensors.index.json"
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+MTP_PREFIX = "mtp."  # the multi-token-prediction block of Qwen3.5/3.6/3.8 and Qwen3-Next checkpoints
+
+
+def local_model_folder(name_or_path):
+    """The folder a model was loaded from: itself, or a hub id's snapshot in the local cache; None if neither."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    with contextlib.suppress(Exception):  # offline, not cached, not a hub id: nothing to compare with
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name_or_path, local_files_only=True)
+    return None
+
+
+# Parameters whose layer computes in fp32 and returns its input's dtype: Gated DeltaNet's decay (A_log), its dt_bias
+# and its gated norm. A checkpoint that stores them in fp32 (Qwen3.5's A_log and norm) keeps them so in a 16-bit run.
+FP32_PARAMETERS = ("linear_attn.A_log", "linear_attn.dt_bias", "linear_attn.norm.weight")
+
+
+def keep_stored_fp32(model, folder):
+    """In a 16-bit run, the FP32_PARAMETERS the checkpoint stores in fp32 are loaded again at that precision (the
+    16-bit load rounded them): they train and save in fp32, as the model's own code computes with them."""
+    stored = stored_tensors(folder)
+    wanted = {name: param for name, param in model.named_parameters()
+              if name.endswith(FP32_PARAMETERS) and param.dtype != torch.float32
+              and name in stored and stored[name].dtype == "F32"}
+    from safetensors import safe_open
+
+    for name, param in wanted.items():
+        with safe_open(os.path.join(folder, stored[name].file), framework="pt") as f:
+            param.data = f.get_tensor(name).to(param.device)
+    if wanted:
+        log.info(f"{len(wanted)} parameters the checkpoint stores in fp32 ({', '.join(FP32_PARAMETERS)}) train and "
+                 "save in fp32")
+
+
+def complete_saved_model(model, output_dir, keep_mtp=True, stored_dtypes=True):
+    """What save_pretrained wrote, made whole: the tensors of the starting checkpoint that the model class does not
+    load (its _keys_to_ignore_on_load_unexpected: the multi-token-prediction block) carried over unchanged, and every
+    tensor in the dtype that checkpoint stored it in. Without `keep_mtp` the MTP block is left out on purpose and
+    the config says so (mtp_num_hidden_layers 0), so that engines do not look for it; without `stored_dtypes` the
+    tensors stay in the dtype they were saved in. Returns the names (carried, retyped)."""
+    base = local_model_folder(getattr(model, "name_or_path", "") or "")
+    if base is None or os.path.realpath(base) == os.path.realpath(output_dir):
+        return [], []
+    if os.path.isfile(os.path.join(output_dir, "model.safetensors")):
+        # One file just written: an index beside it is an earlier save's, whose shards save_pretrained removed.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(output_dir, SAFE_INDEX))
+    patterns = getattr(type(model), "_keys_to_ignore_on_load_unexpected", None) or []
+    before, saved = stored_tensors(base), stored_tensors(output_dir)
+    if not saved:  # not written as safetensors: nothing to complete
+        return [], []
+    carried = [name for name in before if name not in saved and any(re.search(p, name) for p in patterns)
+               and (keep_mtp or not name.startswith(MTP_PREFIX))]
+    retyped = [name for name, tensor in saved.items() if stored_dtypes and name in before and tensor.dtype !=
+               before[name].dtype and tensor.shape == before[name].shape and before[name].dtype in TORCH_DTYPES]
+    restore_stored_dtypes(output_dir, saved, {name: before[name].dtype for name in retyped})
+    if carried:
+        add_shard(output_dir, base, before, carried)
+    if not keep_mtp:
+        declare_no_mtp(output_dir)
+    return carried, retyped
+
+
+def restore_stored_dtypes(folder, saved, dtypes):
+    """Rewrite the files holding tensors saved in another dtype than the checkpoint's, one file at a time."""
+    from safetensors.torch import load_file, save_file
+
+    for file in sorted({saved[name].file for name in dtypes}):
+        path = os.path.join(folder, file)
+        tensors = load_file(path)
+        for name in tensors.keys() & dtypes.keys():
+            tensors[name] = tensors[name].to(TORCH_DTYPES[dtypes[name]])
+        save_file(tensors, path, metadata={"format": "pt"})
+
+
+def add_shard(folder, base, before, names):
+    """The tensors `names` of the checkpoint in `base`, byte for byte, as one more shard of the model in `folder`,
+    in the layout every loader reads: model-0000K-of-0000N.safetensors files and the index naming them."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    saved = stored_tensors(folder)
+    files = list(dict.fromkeys(tensor.file for tensor in saved.values()))
+    total = len(files) + 1
+    renamed = {file: f"model-{k:05d}-of-{total:05d}.safetensors" for k, file in enumerate(files, start=1)}
+    for old, new in renamed.items():
+        os.replace(os.path.join(folder, old), os.path.join(folder, new))
+    extra, carried = f"model-{total:05d}-of-{total:05d}.safetensors", {}
+    for file in sorted({before[name].file for name in names}):
+        with safe_open(os.path.join(base, file), framework="pt") as f:
+            carried.update({name: f.get_tensor(name) for name in names if before[name].file == file})
+    save_file(carried, os.path.join(folder, extra), metadata={"format": "pt"})
+    weight_map = {name: renamed[tensor.file] for name, tensor in saved.items()} | {name: extra for name in names}
+    size = sum(tensor.nbytes for tensor in saved.values()) + sum(before[name].nbytes for name in names)
+    with open(os.path.join(folder, SAFE_INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+
+
+def declare_no_mtp(folder):
+    """The saved config without a multi-token-prediction block (its MTP tensors were left out on purpose)."""
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    for part in (config, config.get("text_config") or {}):
+        if part.get("mtp_num_hidden_layers"):
+            part["mtp_num_hidden_layers"] = 0
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
 
 
 BASE_CONFIG_CHANGES = "base_config_changes.json"
@@ -4855,6 +5019,14 @@ def stop_before_training(signum, frame):
     exit_after_signal(signum)
 
 
+def not_the_carried_tensors_warning(record):
+    """False for the Trainer's warning about unexpected keys when they are all the MTP block's."""
+    message = record.getMessage()
+    if not message.startswith("There were unexpected keys in the checkpoint model loaded"):
+        return True
+    return not all(key.startswith(MTP_PREFIX) for key in re.findall(r"'([^']+)'", message))
+
+
 def main(argv=None):
     logging.basicConfig(format="[%(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S")
     # Workaround (peft 0.21): it still calls transformers 5's deprecated is_gradient_checkpointing; it can go when
@@ -4866,6 +5038,9 @@ def main(argv=None):
                             "deprecated", category=FutureWarning)
     log.setLevel(logging.INFO if is_main_process() else logging.WARNING)
     rank_log.setLevel(logging.INFO)
+    # Workaround (transformers 5.25): resuming a full fine-tune, the Trainer loads a checkpoint's weights and warns
+    # that its multi-token-prediction tensors (carried over on purpose, see complete_saved_model) are unexpected.
+    transformers.utils.logging.get_logger("transformers.trainer").addFilter(not_the_carried_tensors_warning)
     for sig in (signal.SIGTERM, signal.SIGINT):  # until training starts (and StopOnRequest takes over): just stop
         signal.signal(sig, stop_before_training)
     try:

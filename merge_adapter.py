@@ -1,11 +1,15 @@
 """Merge a LoRA or QLoRA adapter written by finetune.py into its base model: one standalone model to serve.
 
-    python merge_adapter.py --adapter output_lora --output merged [--base MODEL] [--dtype bf16|fp16|fp32]
+    python merge_adapter.py --adapter output_lora --output merged [--base MODEL] [--dtype base|bf16|fp16|fp32]
+        [--no_mtp]
 
-The base model is loaded in 16 or 32 bits (a QLoRA adapter too: it merges into the full-precision base, not into
-4-bit weights) as the class its checkpoint declares (a multimodal Qwen3.5/3.6/3.8 with its vision tower), the adapter
-is folded into its weights, and the output folder gets the model in safetensors with the tokenizer and chat template
-saved beside the adapter. By default the base is the one the adapter names.
+The base model is loaded as the class its checkpoint declares (a multimodal Qwen3.5/3.6/3.8 with its vision tower),
+in the precision its checkpoint is stored in (a QLoRA adapter too: it merges into the 16-bit base, not into 4-bit
+weights), the adapter is folded into its weights, and the output folder gets the model in safetensors with the
+tokenizer and chat template saved beside the adapter. Every tensor of the base checkpoint is written, in the dtype the
+checkpoint stores it in: what the model class does not load (the multi-token-prediction block of Qwen3.5/3.6/3.8,
+which vLLM and llama.cpp read) is carried over unchanged, unless --no_mtp. --dtype bf16|fp16|fp32 writes every
+tensor the model loads in that dtype instead. By default the base is the one the adapter names.
 """
 import argparse
 import json
@@ -16,25 +20,31 @@ import time
 import torch
 import transformers
 
-from finetune import BASE_CONFIG_CHANGES, first_line, model_class
+from finetune import (BASE_CONFIG_CHANGES, complete_saved_model, first_line, keep_stored_fp32,
+                      local_model_folder, model_class)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"base": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class MergeError(Exception):
     """What the user can fix (a folder, a model name), said in one line."""
 
 
-def merge(adapter_dir, output_dir, base=None, dtype="bf16", trust_remote_code=False):
+def merge(adapter_dir, output_dir, base=None, dtype="base", trust_remote_code=False, keep_mtp=True):
     import peft
 
     started = time.perf_counter()
     model, base = load_base_of(adapter_dir, base, DTYPES[dtype], trust_remote_code)
+    if dtype == "base" and (folder := local_model_folder(base)):
+        keep_stored_fp32(model, folder)  # what the checkpoint stores in fp32 besides its 16-bit weights
     say(f"loaded {base} ({dtype}) in {time.perf_counter() - started:,.1f} s; merging {adapter_dir} into it")
     merged = peft.PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     started = time.perf_counter()
     merged.save_pretrained(output_dir)
-    say(f"saved the merged model to {output_dir} in {time.perf_counter() - started:,.1f} s")
+    carried, _ = complete_saved_model(merged, output_dir, keep_mtp, stored_dtypes=dtype == "base")
+    say(f"saved the merged model to {output_dir} in {time.perf_counter() - started:,.1f} s"
+        + (f" (with the {len(carried)} tensors of the base that the model class does not load: its multi-token-"
+           "prediction block, unchanged)" if carried else ""))
     tokenizer_source = adapter_dir if os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json")) else base
     transformers.AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code).save_pretrained(
         output_dir)
@@ -76,11 +86,14 @@ def main(argv=None):
     parser.add_argument("--adapter", required=True, help="folder written by a LoRA or QLoRA run")
     parser.add_argument("--output", required=True, help="folder for the merged model")
     parser.add_argument("--base", help="base model (default: the one recorded in the adapter's config)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="precision of the merged model")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="base",
+                        help="precision of the merged model (base: each tensor as the base checkpoint stores it)")
+    parser.add_argument("--no_mtp", action="store_true",
+                        help="leave the base's multi-token-prediction block out (and out of the config)")
     parser.add_argument("--trust_remote_code", action="store_true")
     args = parser.parse_args(argv)
     try:
-        merge(args.adapter, args.output, args.base, args.dtype, args.trust_remote_code)
+        merge(args.adapter, args.output, args.base, args.dtype, args.trust_remote_code, keep_mtp=not args.no_mtp)
     except MergeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -80,9 +80,50 @@ def build_tiny_qwen(out_dir, arch="qwen2", seed=0):
     eos = config.get_text_config().eos_token_id
     model.generation_config.eos_token_id = [eos, tokenizer.pad_token_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if arch in ("qwen3_5", "qwen3_5_moe"):
+        config.text_config.mtp_num_hidden_layers = 1  # as the released checkpoints declare it
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    if arch in ("qwen3_5", "qwen3_5_moe"):
+        add_mtp_block(out_dir, config.text_config, seed)
     return out_dir
+
+
+def add_mtp_block(out_dir, text_config, seed=0):
+    """The multi-token-prediction block the released Qwen3.5/3.6/3.8 checkpoints carry (transformers does not load
+    it): a projection of [embedding; hidden state], its norms, and one full-attention decoder layer, stored as
+    they store it (dense: 15 tensors; MoE: its experts one by one)."""
+    from safetensors.torch import load_file, save_file
+
+    h, heads, kv, d = (text_config.hidden_size, text_config.num_attention_heads, text_config.num_key_value_heads,
+                       text_config.head_dim)
+    shapes = {"mtp.fc.weight": [h, 2 * h], "mtp.pre_fc_norm_embedding.weight": [h],
+              "mtp.pre_fc_norm_hidden.weight": [h], "mtp.norm.weight": [h]}
+    layer = "mtp.layers.0."
+    shapes.update({f"{layer}input_layernorm.weight": [h], f"{layer}post_attention_layernorm.weight": [h],
+                   f"{layer}self_attn.q_proj.weight": [2 * heads * d, h], f"{layer}self_attn.k_proj.weight": [kv * d, h],
+                   f"{layer}self_attn.v_proj.weight": [kv * d, h], f"{layer}self_attn.o_proj.weight": [h, heads * d],
+                   f"{layer}self_attn.q_norm.weight": [d], f"{layer}self_attn.k_norm.weight": [d]})
+    if getattr(text_config, "num_experts", 0):
+        width, shared = text_config.moe_intermediate_size, text_config.shared_expert_intermediate_size
+        shapes[f"{layer}mlp.gate.weight"] = [text_config.num_experts, h]
+        for e in range(text_config.num_experts):
+            shapes.update({f"{layer}mlp.experts.{e}.gate_proj.weight": [width, h],
+                           f"{layer}mlp.experts.{e}.up_proj.weight": [width, h],
+                           f"{layer}mlp.experts.{e}.down_proj.weight": [h, width]})
+        shapes.update({f"{layer}mlp.shared_expert.gate_proj.weight": [shared, h],
+                       f"{layer}mlp.shared_expert.up_proj.weight": [shared, h],
+                       f"{layer}mlp.shared_expert.down_proj.weight": [h, shared],
+                       f"{layer}mlp.shared_expert_gate.weight": [1, h]})
+    else:
+        width = text_config.intermediate_size
+        shapes.update({f"{layer}mlp.gate_proj.weight": [width, h], f"{layer}mlp.up_proj.weight": [width, h],
+                       f"{layer}mlp.down_proj.weight": [h, width]})
+    generator = torch.Generator().manual_seed(seed + 1)
+    path = os.path.join(out_dir, "model.safetensors")
+    tensors = load_file(path)
+    tensors.update({name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()})
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 if __name__ == "__main__":
