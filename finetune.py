@@ -3558,6 +3558,20 @@ PACKING_MODEL_TYPES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next",
 PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 
+def check_attention(model_config, attn_implementation):
+    """An attention implementation the model's class does not support (Qwen3.8-Flash-Next's sparse attention has no
+    flash-attention path): one line now, not an error from transformers after the data is tokenized."""
+    mapping = model_class(model_config)._model_mapping
+    if not attn_implementation or type(model_config) not in mapping:
+        return
+    cls = mapping[type(model_config)]
+    supported = {"flash_attention_2": "_supports_flash_attn", "flash_attention_3": "_supports_flash_attn",
+                 "sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn"}.get(attn_implementation)
+    if supported and getattr(cls, supported, True) is False:
+        raise UserError(f"--attn_implementation {attn_implementation}: {cls.__name__} ({model_config.model_type}) has "
+                        "no such path; use sdpa or eager")
+
+
 def check_packing(model_config, attn_implementation, packing):
     """--packing only where it is exact: refused, before the model loads, for model types the tests do not cover."""
     if not packing:
@@ -3640,7 +3654,8 @@ def language_model_parameters(model):
 
 def freeze_all_but_the_language_model(model):
     """Full fine-tuning of a multimodal checkpoint: text data gives its vision tower no gradient, so it is frozen
-    (DDP would otherwise wait for gradients that never come) and saved exactly as loaded."""
+    (DDP would otherwise wait for gradients that never come) and saved exactly as loaded; so are the modules no
+    gradient reaches by design (NO_GRADIENT_MODULES)."""
     trained = language_model_parameters(model)
     frozen = [p for p in model.parameters() if id(p) not in trained]
     for p in frozen:
@@ -3648,6 +3663,13 @@ def freeze_all_but_the_language_model(model):
     if frozen:
         log.info(f"full fine-tuning of the language model; {sum(full_numel(p) for p in frozen):,} parameters outside "
                  "it (the vision tower) are frozen and saved unchanged")
+    without_gradient = [p for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in NO_GRADIENT_MODULES
+                        for p in module.parameters() if p.requires_grad]
+    for p in without_gradient:
+        p.requires_grad_(False)
+    if without_gradient:
+        log.info(f"{sum(full_numel(p) for p in without_gradient):,} parameters of the sparse-attention indexer are "
+                 "frozen: it selects the positions each query attends to, which passes no gradient back")
 
 
 def with_yarn(model_args):
@@ -3708,8 +3730,13 @@ def add_lora(model, training_args, lora_args):
 
 # Linear layers that LoRA leaves alone unless named: gates with a few outputs each, where an adapter of rank r is no
 # smaller than the layer itself (Gated DeltaNet's per-head in_proj_a and in_proj_b, fused as in_proj_ba in
-# Qwen3-Next; the shared expert's one-output gate), and the MoE router ("gate").
-LORA_LEFT_OUT = ("in_proj_a", "in_proj_b", "in_proj_ba", "shared_expert_gate", "gate")
+# Qwen3-Next; the shared expert's one-output gate), the MoE router ("gate"), and Qwen3.8-Flash-Next's sparse-attention
+# indexer (index_qk_proj), which no gradient reaches. QLoRA keeps them in 16 bits.
+LORA_LEFT_OUT = ("in_proj_a", "in_proj_b", "in_proj_ba", "shared_expert_gate", "gate", "index_qk_proj")
+# Modules of a model that no gradient reaches by design: Qwen3.8-Flash-Next's (qwen4_exp) sparse-attention indexer
+# picks the positions each query attends to (a top-k, which has no gradient). Frozen in full fine-tuning (DDP would
+# wait for their gradients), never adapted by LoRA.
+NO_GRADIENT_MODULES = ("indexer",)
 EXPERTS = "experts"  # in --lora_target_modules: the fused expert weights of a MoE model
 
 
@@ -4282,9 +4309,34 @@ def run_facts(run, model, encoder, train_dataset, eval_dataset):
                      "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
                      **{key: value for key, value in run_shape(training_args).items() if value is not None}},
         "best_is_result": training_args.load_best_model_at_end,
+        "untrained": untrained_parts(model, peft_config, training_args.save_mtp),
+        "expert_lora": bool(peft_config is not None and any(
+            EXPERTS in target for target in peft_config.target_parameters or [])),
         "versions": {name: importlib.metadata.version(name) for name in packages
                      if importlib.util.find_spec(name) is not None},
     }
+
+
+def untrained_parts(model, peft_config, save_mtp):
+    """What a model card lists as not trained: frozen parts of a full fine-tune, and what was carried over."""
+    if peft_config is not None:
+        return ["every weight of the base model (the adapter holds what was trained)"]
+    frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
+    parts = []
+    for what, found in (("the vision tower (text data gives it no gradient)", lambda n: ".visual." in f".{n}"),
+                        ("the sparse-attention indexer (no gradient reaches it)", lambda n: ".indexer." in n)):
+        if count := sum(full_numel(p) for name, p in frozen if found(name)):
+            parts.append(f"{what}: {count:,} parameters, frozen and saved as loaded")
+    base = local_model_folder(getattr(model, "name_or_path", "") or "")
+    patterns = getattr(type(model), "_keys_to_ignore_on_load_unexpected", None) or []
+    mtp = [name for name in (stored_tensors(base) if base else {}) if name.startswith(MTP_PREFIX)
+           and any(re.search(pattern, name) for pattern in patterns)]
+    if mtp:
+        parts.append(f"the multi-token-prediction block ({len(mtp)} tensors), which transformers does not load: "
+                     + ("carried over unchanged (speculative decoding stays correct; its drafts may be accepted less "
+                        "often for the fine-tuned model)" if save_mtp else "left out (--save_mtp false) and out of the "
+                        "config"))
+    return parts
 
 
 def model_card(facts, state, final=True):
@@ -4336,9 +4388,30 @@ def model_card(facts, state, final=True):
         'tokenizer = transformers.AutoTokenizer.from_pretrained("THIS_FOLDER_OR_REPO")', "```", "",
         *(["To serve one model without peft: `python merge_adapter.py --adapter THIS_FOLDER --output merged`.", ""]
           if lora else []),
+        "## What was not trained", "", *[f"- {part}" for part in facts.get("untrained") or ["nothing"]], "",
+        "## How to serve it", "", *serving_lines(facts), "",
         "## Versions", "", ", ".join(f"{name} {version}" for name, version in facts["versions"].items()), "",
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def serving_lines(facts):
+    """How the output is served by vLLM and llama.cpp (the model card's and the README's advice)."""
+    if facts.get("expert_lora"):
+        return ["This adapter has LoRA on the fused MoE experts, which llama.cpp's LoRA converter refuses and serving "
+                "engines do not all load: merge it and serve the merged model "
+                "(`python merge_adapter.py --adapter THIS_FOLDER --output merged`; then as a full model below).", "",
+                "- vLLM: `vllm serve merged`",
+                "- llama.cpp: `python convert_hf_to_gguf.py merged --outfile model.gguf`, then `llama-cli -m model.gguf`"]
+    if facts["lora"]:
+        return ["- vLLM: `vllm serve BASE_MODEL --enable-lora --lora-modules mine=THIS_FOLDER` (or merge it first)",
+                "- llama.cpp: `python convert_lora_to_gguf.py THIS_FOLDER --base BASE_MODEL_FOLDER --outfile "
+                "adapter.gguf`, then `llama-cli -m base.gguf --lora adapter.gguf`"]
+    return ["- vLLM: `vllm serve THIS_FOLDER`" + (" (its multi-token-prediction block serves speculative decoding)"
+                                                  if any("multi-token" in p for p in facts.get("untrained") or [])
+                                                  else ""),
+            "- llama.cpp: `python convert_hf_to_gguf.py THIS_FOLDER --outfile model.gguf`, then "
+            "`llama-cli -m model.gguf`"]
 
 
 def plot_training_curves(log_history, path):
@@ -4880,6 +4953,7 @@ def check_model_against_flags(run):
     model_config = check_model_files(run.model_args)
     attention = run.model_args.attn_implementation
     check_sequence_parallel_model(run.training_args, model_config)
+    check_attention(model_config, attention)
     check_packing(model_config, attention, run.training_args.packing)
     check_moe_flags(model_config, run.model_args, run.training_args, run.lora_args)
     check_lora_targets(model_config, run.lora_args)
@@ -4956,6 +5030,10 @@ def finish(trainer, run, watch):
     if args.should_save:
         card = os.path.join(args.output_dir, MODEL_CARD)
         model_card(watch.card_facts, trainer.state).save(card)
+        if watch.card_facts.get("expert_lora"):
+            log.warning(f"{args.output_dir} holds LoRA on the fused MoE experts, which llama.cpp's LoRA converter "
+                        "refuses and serving engines do not all load: to serve it, merge it with python "
+                        f"merge_adapter.py --adapter {args.output_dir} --output {args.output_dir.rstrip('/')}-merged")
         curves = os.path.join(args.output_dir, "training_curves.png")
         plot_training_curves(trainer.state.log_history, curves)
         log.info(f"model card: {card}; loss and learning-rate curves: {curves}")

@@ -21,7 +21,8 @@ if not torch.cuda.is_available():
     # Workaround (DeepSpeed 0.19, imported by transformers' save): without a GPU it warns unless told its accelerator.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-ARCHS = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe")
+ARCHS = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe", "qwen4_exp")
+MULTIMODAL = ("qwen3_5", "qwen3_5_moe", "qwen4_exp")  # laid out as ...ForConditionalGeneration, with a vision tower
 HYBRID_LAYERS = ["linear_attention"] * 3 + ["full_attention"]  # Qwen3.5's pattern, once
 
 
@@ -42,24 +43,30 @@ def text_settings(arch, tokenizer):
         bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
     )
-    if arch in ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe"):
+    if arch in ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "qwen4_exp"):
         # 4 experts of width 32, 2 per token: routing differs from token to token even on random weights.
         settings.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-    if arch in ("qwen2_moe", "qwen3_next", "qwen3_5_moe"):
+    if arch in ("qwen2_moe", "qwen3_next", "qwen3_5_moe", "qwen4_exp"):
         settings.update(shared_expert_intermediate_size=32)
-    if arch in ("qwen3_next", "qwen3_5", "qwen3_5_moe"):
+    if arch in ("qwen3_next", "qwen3_5", "qwen3_5_moe", "qwen4_exp"):
         settings.update(num_hidden_layers=4, layer_types=HYBRID_LAYERS, linear_key_head_dim=16,
                         linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4)
-    if arch == "qwen3_5_moe":
+    if arch == "qwen4_exp":  # Qwen3.8-Flash-Next: hyper-connections, attention over positions an indexer selects
+        settings.update(layer_types=HYBRID_LAYERS[:3] + ["indexed_attention"], hc_count=2, hc_lowrank=8,
+                        ple_embed_dim=64, ngram_size=3, heads_per_ngram=2, ngram_vocab_size_base=1000,
+                        make_ngram_vocab_size_divisible_by=8, split_ngram_parts=2, indexer_n_heads=2,
+                        indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=16, indexer_compress_ratio=4)
+    if arch in ("qwen3_5_moe", "qwen4_exp"):
         del settings["intermediate_size"]
     return settings
 
 
 def tiny_config(arch, tokenizer):
     settings = text_settings(arch, tokenizer)
-    if arch in ("qwen3_5", "qwen3_5_moe"):
+    if arch in MULTIMODAL:
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
-        config_class = transformers.Qwen3_5Config if arch == "qwen3_5" else transformers.Qwen3_5MoeConfig
+        config_class = {"qwen3_5": transformers.Qwen3_5Config, "qwen3_5_moe": transformers.Qwen3_5MoeConfig,
+                        "qwen4_exp": transformers.Qwen4ExpConfig}[arch]
         return config_class(text_config=settings, vision_config=vision)
     config_class = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
                     "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
@@ -73,7 +80,7 @@ def build_tiny_qwen(out_dir, arch="qwen2", seed=0):
     tokenizer = transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
     config = tiny_config(arch, tokenizer)
     torch.manual_seed(seed)
-    if arch in ("qwen3_5", "qwen3_5_moe"):  # the checkpoint's own class, vision tower included
+    if arch in MULTIMODAL:  # the checkpoint's own class, vision tower included
         model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     else:
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -203,3 +203,32 @@ def test_merge_adapter_says_what_is_wrong_in_one_line(tmp_path, tiny_qwen2, caps
         assert merge_adapter.main([*flags, "--output", str(tmp_path / "out")]) == 2
         error = capsys.readouterr().err
         assert error.startswith(f"error: ") and message in error and error.count("\n") == 1, error
+
+
+@pytest.mark.e2e
+def test_qwen3_8_flash_next_trains_with_lora_and_in_full_with_its_indexer_frozen(tiny_models, tmp_path):
+    """qwen4_exp: hyper-connections, a sparse attention whose indexer selects positions (no gradient reaches it)."""
+    from helpers import DATA, SHORT_RUN, assert_success, run_in_process
+
+    base = tiny_models("qwen4_exp")
+    common = ["--model_name_or_path", base, "--data_path", DATA, *SHORT_RUN, "--max_steps", "2",
+              "--learning_rate", "1e-2", "--save_strategy", "no"]
+    lora = load(base, tmp_path)
+    adapted = adapted_modules(lora)
+    assert any(".self_attn.q_proj" in name for name in adapted) and any("mlp.experts" in name for name in adapted)
+    assert not any(".indexer." in name for name in adapted)
+    result = run_in_process([*common, "--output_dir", str(tmp_path / "lora"), "--use_lora", "true", "--lora_r", "4"])
+    assert_success(result)
+    assert os.path.isfile(tmp_path / "lora" / "adapter_model.safetensors")
+    full = str(tmp_path / "full")
+    result = run_in_process([*common, "--output_dir", full])
+    assert_success(result)
+    assert "parameters of the sparse-attention indexer are frozen" in result.stderr
+    before, after = load_file(os.path.join(base, "model.safetensors")), load_file(os.path.join(full, "model.safetensors"))
+    indexer = [name for name in before if ".indexer." in name]
+    assert indexer and all(torch.equal(before[name], after[name]) for name in indexer)
+    trained = [name for name in before if ".self_attn.q_proj" in name]
+    assert all(not torch.equal(before[name], after[name]) for name in trained)
+    with pytest.raises(finetune.UserError, match=r"--attn_implementation flash_attention_2: "
+                                                 r"Qwen4ExpForConditionalGeneration \(qwen4_exp\) has no such path"):
+        finetune.check_attention(transformers.AutoConfig.from_pretrained(base), "flash_attention_2")

@@ -45,7 +45,16 @@ def test_a_full_fine_tune_and_a_merge_write_every_tensor_of_the_checkpoint(arch,
     assert_success(result)
     assert_same_layout(full, base)
     adapter, merged = str(tmp_path / "adapter"), str(tmp_path / "merged")
-    assert_success(full_run(base, adapter, "--use_lora", "true", *LORA))
+    lora_result = full_run(base, adapter, "--use_lora", "true", *LORA)
+    assert_success(lora_result)
+    with open(os.path.join(adapter, "README.md")) as f:
+        card = f.read()
+    if "moe" in arch:  # LoRA on the fused experts: no engine's LoRA loader reads it, and the run says so
+        assert f"{adapter} holds LoRA on the fused MoE experts, which llama.cpp's LoRA converter refuses" in \
+            lora_result.stderr
+        assert "merge it and serve the merged model" in card
+    else:
+        assert "LoRA on the fused MoE experts" not in lora_result.stderr and "--enable-lora" in card
     merge_adapter.merge(adapter, merged)
     assert_same_layout(merged, base)
     mtp = [name for name in layout(base) if name.startswith("mtp.")]
@@ -62,6 +71,11 @@ def test_a_full_fine_tune_and_a_merge_write_every_tensor_of_the_checkpoint(arch,
             assert all(torch.equal(after[name], before[name]) for name in mtp)
             with open(os.path.join(folder, "config.json")) as f:
                 assert json.load(f)["text_config"]["mtp_num_hidden_layers"] == 1
+        with open(os.path.join(full, "README.md")) as f:
+            card = f.read()
+        assert f"the multi-token-prediction block ({len(mtp)} tensors), which transformers does not load: carried " \
+               "over unchanged" in card
+        assert "the vision tower (text data gives it no gradient)" in card and "- vLLM: `vllm serve THIS_FOLDER`" in card
         import transformers
 
         reloaded = finetune.model_class(transformers.AutoConfig.from_pretrained(full)).from_pretrained(full)
