@@ -4714,7 +4714,10 @@ FP32_PARAMETERS = ("linear_attn.A_log", "linear_attn.dt_bias", "linear_attn.norm
 def keep_stored_fp32(model, folder):
     """In a 16-bit run, the FP32_PARAMETERS the checkpoint stores in fp32 are loaded again at that precision (the
     16-bit load rounded them): they train and save in fp32, as the model's own code computes with them."""
-    stored = stored_tensors(folder)
+    try:
+        stored = stored_tensors(folder)
+    except (OSError, ValueError, KeyError):  # files the load itself would have refused; nothing to restore
+        return
     wanted = {name: param for name, param in model.named_parameters()
               if name.endswith(FP32_PARAMETERS) and param.dtype != torch.float32
               and name in stored and stored[name].dtype == "F32"}
@@ -4742,7 +4745,13 @@ def complete_saved_model(model, output_dir, keep_mtp=True, stored_dtypes=True):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(output_dir, SAFE_INDEX))
     patterns = getattr(type(model), "_keys_to_ignore_on_load_unexpected", None) or []
-    before, saved = stored_tensors(base), stored_tensors(output_dir)
+    try:
+        before = stored_tensors(base)
+    except (OSError, ValueError, KeyError) as e:  # a hub snapshot cached in part, a file that is not safetensors
+        log.warning(f"{output_dir}: cannot read the files of {base} ({first_line(e)}): what its class does not load is "
+                    "not carried over, and the saved dtypes are the run's")
+        return [], []
+    saved = stored_tensors(output_dir)
     if not saved:  # not written as safetensors: nothing to complete
         return [], []
     carried = [name for name in before if name not in saved and any(re.search(p, name) for p in patterns)
