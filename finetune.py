@@ -279,6 +279,11 @@ class TrainingArguments(transformers.TrainingArguments):
     early_stopping_threshold: float = field(
         default=0.0, metadata={"help": "How much --metric_for_best_model must improve to count, for early stopping."}
     )
+    allow_slow_kernels: bool = field(
+        default=False,
+        metadata={"help": "On a GPU, train a hybrid model (Gated DeltaNet) without flash-linear-attention and "
+                  "causal-conv1d, on their PyTorch reference (several times slower), instead of stopping."},
+    )
     save_mtp: bool = field(
         default=True,
         metadata={"help": "Full fine-tunes: carry the checkpoint's multi-token-prediction block (mtp.*, which "
@@ -3572,6 +3577,74 @@ def check_attention(model_config, attn_implementation):
                         "no such path; use sdpa or eager")
 
 
+GDN_KERNELS = "flash-linear-attention and causal-conv1d"  # what the Gated DeltaNet layers' fast path needs
+
+
+def gdn_kernels_available(device_type):
+    """Whether the Gated DeltaNet layers will run on their kernels (both packages, on a device both support:
+    CUDA), not on transformers' PyTorch reference (a loop over chunks in Python)."""
+    from transformers.utils.import_utils import is_causal_conv1d_available, is_flash_linear_attention_available
+
+    return device_type == "cuda" and is_flash_linear_attention_available() and is_causal_conv1d_available()
+
+
+def is_hybrid(config):
+    return "linear_attention" in (getattr(config.get_text_config(), "layer_types", None) or [])
+
+
+def check_kernels(model_config, training_args):
+    """A hybrid model on a GPU without its kernels would train several times slower, with one warning line per
+    process from transformers: stopped in one line before anything slow, unless --allow_slow_kernels. On the CPU
+    the reference is all there is (a line of the start-up report)."""
+    device = training_args.device.type
+    if not is_hybrid(model_config) or device == "cpu" or gdn_kernels_available(device):
+        return
+    if not training_args.allow_slow_kernels:
+        raise UserError(f"this model's Gated DeltaNet layers need {GDN_KERNELS} on a GPU (pip install "
+                        "flash-linear-attention causal-conv1d); without them they run on a PyTorch reference several "
+                        "times slower: add --allow_slow_kernels true to train so on purpose")
+    log.warning(f"the Gated DeltaNet layers run on their PyTorch reference (--allow_slow_kernels): without {GDN_KERNELS} "
+                "a step takes several times longer")
+
+
+def paths_that_run(model, model_args, training_args, lora_args):
+    """The start-up report: one line per path a step takes, so that a slow fallback is seen before the first step
+    rather than guessed from the speed."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text = base.config.get_text_config()
+    attention = getattr(text, "_attn_implementation", None) or model_args.attn_implementation or "sdpa"
+    device = training_args.device.type
+    packing = f"; packed samples kept apart ({'exact' if attention in PACKING_ATTENTION else 'not exact'})" \
+        if training_args.packing else ""
+    lines = [f"attention: {attention}{packing}"]
+    if is_hybrid(base.config):
+        kernels = f"{GDN_KERNELS} kernels" if gdn_kernels_available(device) else \
+            f"their PyTorch reference ({GDN_KERNELS}: {'GPUs only' if device == 'cpu' else 'not installed'})"
+        lines.append(f"Gated DeltaNet layers: {kernels}" + ("; a packed row runs sample by sample there"
+                                                            if training_args.packing else ""))
+    if is_moe(base.config):
+        chosen = getattr(text, "_experts_implementation", None) or "eager"
+        why = "--experts_implementation" if model_args.experts_implementation else "transformers' default for this torch"
+        lines.append(f"experts: {chosen} ({why})")
+    if lora_args.q_lora:
+        import bitsandbytes
+
+        lines.append(f"4-bit base: bitsandbytes {bitsandbytes.__version__}, NF4, on {device}")
+    lines.append(f"loss: chunked, {training_args.loss_chunk_size} positions a chunk (no logits of every position)"
+                 if training_args.chunked_loss else "loss: the model's own (logits of every position)")
+    precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+    lines.append(f"activation checkpointing: {'on' if training_args.activation_checkpointing else 'off'}; "
+                 f"precision: {precision} on {device}")
+    stage = deepspeed_zero_stage(training_args)
+    if stage is not None:
+        zero = training_args.hf_deepspeed_config.config.get("zero_optimization", {})
+        offload = [f"{what} to {zero[key]['device']}" for what, key in (("optimizer", "offload_optimizer"),
+                                                                          ("parameters", "offload_param"))
+                   if isinstance(zero.get(key), dict) and zero[key].get("device") not in (None, "none")]
+        lines.append(f"DeepSpeed ZeRO-{stage}" + (f", offloading {' and '.join(offload)}" if offload else ""))
+    return lines
+
+
 def check_packing(model_config, attn_implementation, packing):
     """--packing only where it is exact: refused, before the model loads, for model types the tests do not cover."""
     if not packing:
@@ -4494,7 +4567,11 @@ class FinetuneTrainer(transformers.Trainer):
       UlyssesSPDataLoaderAdapter fields (dl, sp_rank, sp_group, sp_world_size, device)   re-wrapped on resume
                                          (resumable_sequence_parallel_loader)
       ds_to_universal.main(args)         called with a hand-built Namespace (make_universal_checkpoint)
-      peft.tuners.lora.ParamWrapper      adapters of parameters, which peft gives no dropout (apply_lora_dropout)"""
+      peft.tuners.lora.ParamWrapper      adapters of parameters, which peft gives no dropout (apply_lora_dropout)
+      PreTrainedModel._keys_to_ignore_on_load_unexpected   what a class does not load, carried over on save
+                                         (complete_saved_model)
+      PretrainedConfig._attn_implementation, _experts_implementation   what the start-up report names
+                                         (paths_that_run)"""
 
     def __init__(self, model, args, **kwargs):
         super().__init__(model=model, args=args, **kwargs)
@@ -4963,6 +5040,7 @@ def check_model_against_flags(run):
     attention = run.model_args.attn_implementation
     check_sequence_parallel_model(run.training_args, model_config)
     check_attention(model_config, attention)
+    check_kernels(model_config, run.training_args)
     check_packing(model_config, attention, run.training_args.packing)
     check_moe_flags(model_config, run.model_args, run.training_args, run.lora_args)
     check_lora_targets(model_config, run.lora_args)
@@ -4985,6 +5063,8 @@ def build_trainer(run, tokenizer, encoder, train_dataset, eval_dataset):
     args = with_distributed_settings(run.training_args, run.lora_args, run.model_args.attn_implementation)
     transformers.set_seed(args.seed)  # before the adapter's random init, so that --seed repeats a run
     model = load_model(run.model_args, args, run.lora_args)
+    log.info("what will run:\n" + "\n".join(f"  {line}" for line in paths_that_run(model, run.model_args, args,
+                                                                                     run.lora_args)))
     trainer = FinetuneTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                               data_collator=make_collator(tokenizer, args.packing, args.sequence_parallel_size,
                                                           args.model_max_length),

@@ -44,6 +44,8 @@ def test_a_full_fine_tune_and_a_merge_write_every_tensor_of_the_checkpoint(arch,
     result = full_run(base, full)
     assert_success(result)
     assert_same_layout(full, base)
+    assert "what will run:\n  attention: sdpa" in result.stderr  # the start-up report (tests/test_kernels.py)
+    assert ("Gated DeltaNet layers: their PyTorch reference" in result.stderr) == arch.startswith("qwen3_5")
     adapter, merged = str(tmp_path / "adapter"), str(tmp_path / "merged")
     lora_result = full_run(base, adapter, "--use_lora", "true", *LORA)
     assert_success(lora_result)

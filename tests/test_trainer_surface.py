@@ -80,6 +80,10 @@ SURFACE = {
     "ds_to_universal.main(args)": ds_to_universal_arguments,
     "peft.tuners.lora.ParamWrapper": lambda: issubclass(__import__("peft").tuners.lora.ParamWrapper,
                                                         __import__("peft").tuners.lora.LoraLayer),
+    "PreTrainedModel._keys_to_ignore_on_load_unexpected": lambda: r"^mtp.*" in transformers
+        .Qwen3_5ForConditionalGeneration._keys_to_ignore_on_load_unexpected,
+    "PretrainedConfig._attn_implementation, _experts_implementation": lambda: all(
+        hasattr(transformers.Qwen3MoeConfig(), name) for name in ("_attn_implementation", "_experts_implementation")),
 }
 
 
