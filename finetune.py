@@ -1053,15 +1053,6 @@ def each_on_any_rank(flags, device):
     return [bool(value) for value in tensor.tolist()]
 
 
-def largest_on_any_rank(count, device):
-    """The largest `count` of all ranks, on every rank (all ranks must call it together)."""
-    if not in_process_group():
-        return count
-    tensor = torch.tensor([count], device=device)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return int(tensor.item())
-
-
 def sum_over_ranks(values, device):
     """Each of `values` summed over every rank (all ranks must call it together); as they are without a group."""
     if not in_process_group():
@@ -1954,16 +1945,18 @@ def detect_format(path):
     raise DataError(f"{path}: the file is empty (no samples)")
 
 
-def data_fingerprint(paths):
+def data_fingerprint(paths, fresh=False):
     """A content hash of data files (or dataset ids): their bytes, in order (not names or dates). A checkpoint
-    records it, so that a resume on changed data is noticed; the tokenized cache names its entries by it."""
+    records it, so that a resume on changed data is noticed; the tokenized cache names its entries by it. `fresh`:
+    read the bytes again rather than take this process's memo of them."""
     digest = hashlib.sha256()
+    hash_file = file_digest.__wrapped__ if fresh else file_digest
     for path in map(os.fspath, paths):
         # A dataset id: the bytes of the files the datasets library keeps it in.
         files = [f["filename"] for f in load_hub_dataset(path).cache_files] if path.startswith(HUB_PREFIX) else [path]
         for file in files:
             stat = os.stat(file)
-            digest.update(file_digest(file, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino).encode())
+            digest.update(hash_file(file, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino).encode())
     return digest.hexdigest()
 
 
@@ -2696,7 +2689,6 @@ class SupervisedDataset(TrainingData):
     def __init__(self, path, encoder, batch_size=1000, cache_dir=None, num_workers=1, kind=None):
         kind = kind or detect_format(path)  # resolve_sources has recorded it; detected here for a file given alone
         tokenized = load_or_build_tokenized(path, kind, encoder, cache_dir, num_workers, batch_size)
-        self.cached = bool(cache_dir)
         self.dropped, self.empty_assistant = tokenized.meta["dropped"], tokenized.meta["empty_assistant"]
         self.input_ids, self.labels, self.offsets, self.full_lengths = (
             tokenized.arrays[name] for name in TOKENIZED_ARRAYS)
@@ -2901,9 +2893,9 @@ def current_umask():
 
 
 def fresh_data_fingerprint(path):
-    """The content hash of one source part read again now, not the one remembered for this process."""
-    file_digest.cache_clear()
-    return data_fingerprint([path])
+    """The content hash of one source part read again now, not the one remembered for this process (the others
+    stay remembered: clearing them all made rank 0 hash every data file again on a first cache build)."""
+    return data_fingerprint([path], fresh=True)
 
 
 def publish(building, entry):
@@ -5132,26 +5124,26 @@ def finish(trainer, run, watch):
 
 
 def report_stop(stop_on_request, training_args):
-    """One line on what a signal or STOP_NOW left behind, then exit: 0 after STOP_NOW, 128 + the signal after a
-    signal (or what the launcher asks for)."""
+    """One line on what a signal or STOP_NOW left behind (rank 0 says it), then exit: 0 after STOP_NOW, 128 + the
+    signal after a signal (or what the launcher asks for)."""
     step, why = stop_on_request.stopped_at_step, stop_on_request.stop_reason
-    checkpoint = checkpoint_folder(training_args.output_dir, step)
-    if not is_main_process():
-        pass
-    elif step == 0:
-        log.warning(f"stopped by {why} before the first optimizer step; nothing to save")
-    elif training_args.save_only_model:
-        log.warning(f"stopped by {why} at step {step}; {os.path.basename(checkpoint)} holds the weights only "
-                    f"(--save_only_model), so a rerun starts afresh; they are in {checkpoint}")
-    elif checkpoint_problem(checkpoint, step) is not None:
-        log.warning(f"stopped by {why} at step {step}, which went wrong: nothing saved; a rerun resumes from the "
-                    "newest good checkpoint")
-    else:
-        log.warning(f"stopped by {why} at step {step}; the checkpoint is {checkpoint}; run the same command again to "
-                    "resume from it")
+    if is_main_process():
+        checkpoint = checkpoint_folder(training_args.output_dir, step)
+        log.warning(f"stopped by {why} {what_a_stop_left(step, checkpoint, training_args)}")
     if why == STOP_NOW:
         sys.exit(0)
     exit_after_signal(getattr(signal, why))
+
+
+def what_a_stop_left(step, checkpoint, training_args):
+    if step == 0:
+        return "before the first optimizer step; nothing to save"
+    if training_args.save_only_model:
+        return (f"at step {step}; {os.path.basename(checkpoint)} holds the weights only (--save_only_model), so a rerun "
+                f"starts afresh; they are in {checkpoint}")
+    if checkpoint_problem(checkpoint, step) is not None:
+        return f"at step {step}, which went wrong: nothing saved; a rerun resumes from the newest good checkpoint"
+    return f"at step {step}; the checkpoint is {checkpoint}; run the same command again to resume from it"
 
 
 def exit_after_signal(signum):
