@@ -877,6 +877,7 @@ def check_distributed_setup(training_args, lora_args):
         )
 
 
+DEFAULT_ATTENTION = "sdpa"  # what transformers loads Qwen models with when --attn_implementation is not given
 SEQUENCE_PARALLEL_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
 
 
@@ -896,7 +897,7 @@ def check_sequence_parallelism(training_args, attn_implementation):
                         "Ulysses splits the sequences")
     if training_args.world_size % n:
         raise UserError(f"{flag} must divide the number of processes ({training_args.world_size})")
-    attention = attn_implementation or "sdpa"
+    attention = attn_implementation or DEFAULT_ATTENTION
     if attention not in SEQUENCE_PARALLEL_ATTENTION:
         raise UserError(f"--attn_implementation {attention} cannot be split over ranks; with {flag} use one of "
                         f"{', '.join(SEQUENCE_PARALLEL_ATTENTION)}")
@@ -943,7 +944,7 @@ def with_distributed_settings(training_args, lora_args, attn_implementation):
     training_args.parallelism_config = ParallelismConfig(  # DeepSpeed's batch size counts the dp_shard groups
         sp_backend="deepspeed", sp_size=n, dp_shard_size=training_args.world_size // n,
         sp_handler=DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True,
-                                                   sp_attn_implementation=attn_implementation or "sdpa"))
+                                                   sp_attn_implementation=attn_implementation or DEFAULT_ATTENTION))
     log.info(f"sequence parallelism: every sequence split over {n} ranks, "
              f"{training_args.world_size // n} data-parallel group(s)")
     return training_args
@@ -1398,9 +1399,17 @@ def recorded_fingerprint(folder):
 
 def recorded_run_facts(folder):
     """What RecordTrainingData wrote into a checkpoint ({} for one written by an older release)."""
+    return recorded_callback_state(folder, "RecordTrainingData").get("args", {}) or {}
+
+
+def recorded_callback_state(folder, name):
+    """The state a checkpoint's trainer_state.json keeps for the callback class `name` ({} without one): the one
+    place that reads the Trainer's stateful_callbacks (a list where several callbacks of the class were saved)."""
     with open(os.path.join(folder, "trainer_state.json")) as f:
-        state = json.load(f)
-    return state.get("stateful_callbacks", {}).get(RecordTrainingData.__name__, {}).get("args", {}) or {}
+        recorded = json.load(f).get("stateful_callbacks", {}).get(name) or {}
+    if isinstance(recorded, list):
+        recorded = recorded[-1] if recorded else {}
+    return recorded
 
 
 def run_shape(training_args):
@@ -3604,7 +3613,7 @@ def paths_that_run(model, model_args, training_args, lora_args):
     rather than guessed from the speed."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     text = base.config.get_text_config()
-    attention = getattr(text, "_attn_implementation", None) or model_args.attn_implementation or "sdpa"
+    attention = getattr(text, "_attn_implementation", None) or model_args.attn_implementation or DEFAULT_ATTENTION
     device = training_args.device.type
     packing = f"; packed samples kept apart ({'exact' if attention in PACKING_ATTENTION else 'not exact'})" \
         if training_args.packing else ""
@@ -3645,7 +3654,7 @@ def check_packing(model_config, attn_implementation, packing):
     if model_type not in PACKING_MODEL_TYPES:
         raise UserError(f"--packing has not been verified on model type '{model_type}' (packed samples could see each "
                         f"other); it is on {', '.join(PACKING_MODEL_TYPES)}. Train without --packing")
-    attention = attn_implementation or "sdpa"
+    attention = attn_implementation or DEFAULT_ATTENTION
     if attention not in PACKING_ATTENTION:
         raise UserError(f"--packing with --attn_implementation {attention}: packed samples would see each other; use "
                         f"one of {', '.join(PACKING_ATTENTION)}")
@@ -4300,10 +4309,7 @@ def early_stopping(training_args, resume_from):
     callback = transformers.EarlyStoppingCallback(training_args.early_stopping_patience,
                                                   training_args.early_stopping_threshold)
     if resume_from:
-        with open(os.path.join(resume_from, "trainer_state.json")) as f:
-            recorded = json.load(f).get("stateful_callbacks", {}).get(type(callback).__name__) or {}
-        if isinstance(recorded, list):
-            recorded = recorded[-1] if recorded else {}
+        recorded = recorded_callback_state(resume_from, type(callback).__name__)
         callback.early_stopping_patience_counter = recorded.get("attributes", {}).get(
             "early_stopping_patience_counter", 0)
     return callback

@@ -2,7 +2,7 @@
 merge and an adapter of tiny Qwen3, Qwen3.5 (laid out as released: vision tower, multi-token-prediction block) and
 Qwen3-MoE models, with the logits compared to transformers'. Slow: not part of the default test run.
 
-    pip install llama-cpp-python        # compiles llama.cpp: about 25 minutes on 2 CPU cores
+    pip install llama-cpp-python sentencepiece   # compiles llama.cpp: 7 to 25 minutes on 2 CPU cores
     python benchmarks/engines.py [--workdir /tmp/qwen-finetune-engines] [--llama-cpp SOURCE_FOLDER]
 
 llama.cpp's converters (convert_hf_to_gguf.py, convert_lora_to_gguf.py and the gguf package beside them) come from
@@ -181,7 +181,7 @@ def main():
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        sys.exit("llama-cpp-python is not installed: pip install llama-cpp-python (it compiles llama.cpp)")
+        sys.exit("llama-cpp-python is not installed: pip install llama-cpp-python sentencepiece (it compiles llama.cpp)")
     os.makedirs(args.workdir, exist_ok=True)
     source = llama_cpp_source(args.workdir, args.llama_cpp)
     print(f"llama.cpp converters from {source}; llama-cpp-python {__import__('llama_cpp').__version__}\n")
