@@ -46,3 +46,10 @@ def test_preprocess_measures_speed_the_cache_and_memory_per_rank(tmp_path):
 @pytest.mark.e2e
 def test_cache_layout_reads_both_layouts(tmp_path):
     assert "reading every sample: numpy" in smoke("cache_layout.py", tmp_path)
+
+
+@pytest.mark.e2e
+def test_profile_step_splits_a_step_and_times_the_loss_both_ways(tmp_path):
+    printed = smoke("profile_step.py", tmp_path)
+    assert "loss matmuls" in printed and "optimizer" in printed
+    assert "with two passes of exp (before 2026-12-04)" in printed
