@@ -859,10 +859,16 @@ def uses_zero3():
     return is_deepspeed_zero3_enabled()
 
 
+def deepspeed_config(training_args):
+    """The --deepspeed config as the Trainer parsed it (a dict), or None without DeepSpeed."""
+    config = getattr(training_args, "hf_deepspeed_config", None)
+    return config.config if training_args.deepspeed and config else None
+
+
 def deepspeed_zero_stage(training_args):
     """The ZeRO stage of --deepspeed, or None without DeepSpeed."""
-    config = getattr(training_args, "hf_deepspeed_config", None)
-    return config.config.get("zero_optimization", {}).get("stage", 0) if training_args.deepspeed and config else None
+    config = deepspeed_config(training_args)
+    return config.get("zero_optimization", {}).get("stage", 0) if config is not None else None
 
 
 def check_distributed_setup(training_args, lora_args):
@@ -1399,7 +1405,7 @@ def recorded_fingerprint(folder):
 
 def recorded_run_facts(folder):
     """What RecordTrainingData wrote into a checkpoint ({} for one written by an older release)."""
-    return recorded_callback_state(folder, "RecordTrainingData").get("args", {}) or {}
+    return recorded_callback_state(folder, RecordTrainingData.__name__).get("args", {}) or {}
 
 
 def recorded_callback_state(folder, name):
@@ -1425,12 +1431,9 @@ def run_shape(training_args):
 
 def optimizer_name(training_args):
     """The optimizer a run trains with: --optim, or the `optimizer` block of a DeepSpeed config (which wins)."""
-    config = training_args.deepspeed
-    if config and not isinstance(config, dict):
-        with contextlib.suppress(OSError, ValueError), open(config) as f:
-            config = json.load(f)
-    if isinstance(config, dict) and isinstance(config.get("optimizer"), dict):
-        return f"deepspeed:{config['optimizer'].get('type', '?')}"
+    block = (deepspeed_config(training_args) or {}).get("optimizer")
+    if isinstance(block, dict):
+        return f"deepspeed:{block.get('type', '?')}"
     return str(getattr(training_args.optim, "value", training_args.optim))
 
 
@@ -3638,7 +3641,7 @@ def paths_that_run(model, model_args, training_args, lora_args):
                  f"precision: {precision} on {device}")
     stage = deepspeed_zero_stage(training_args)
     if stage is not None:
-        zero = training_args.hf_deepspeed_config.config.get("zero_optimization", {})
+        zero = deepspeed_config(training_args).get("zero_optimization", {})
         offload = [f"{what} to {zero[key]['device']}" for what, key in (("optimizer", "offload_optimizer"),
                                                                           ("parameters", "offload_param"))
                    if isinstance(zero.get(key), dict) and zero[key].get("device") not in (None, "none")]
@@ -4404,9 +4407,7 @@ def untrained_parts(model, peft_config, save_mtp):
         if count := sum(full_numel(p) for name, p in frozen if found(name)):
             parts.append(f"{what}: {count:,} parameters, frozen and saved as loaded")
     base = local_model_folder(getattr(model, "name_or_path", "") or "")
-    patterns = getattr(type(model), "_keys_to_ignore_on_load_unexpected", None) or []
-    mtp = [name for name in (stored_tensors(base) if base else {}) if name.startswith(MTP_PREFIX)
-           and any(re.search(pattern, name) for pattern in patterns)]
+    mtp = [name for name in not_loaded_by(model, stored_tensors(base) if base else {}) if name.startswith(MTP_PREFIX)]
     if mtp:
         parts.append(f"the multi-token-prediction block ({len(mtp)} tensors), which transformers does not load: "
                      + ("carried over unchanged (speculative decoding stays correct; its drafts may be accepted less "
@@ -4471,11 +4472,14 @@ def model_card(facts, state, final=True):
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
+EXPERT_ADAPTER = ("LoRA on the fused MoE experts, which llama.cpp's LoRA converter refuses and serving engines do not "
+                  "all load")
+
+
 def serving_lines(facts):
     """How the output is served by vLLM and llama.cpp (the model card's and the README's advice)."""
     if facts.get("expert_lora"):
-        return ["This adapter has LoRA on the fused MoE experts, which llama.cpp's LoRA converter refuses and serving "
-                "engines do not all load: merge it and serve the merged model "
+        return [f"This adapter has {EXPERT_ADAPTER}: merge it and serve the merged model "
                 "(`python merge_adapter.py --adapter THIS_FOLDER --output merged`; then as a full model below).", "",
                 "- vLLM: `vllm serve merged`",
                 "- llama.cpp: `python convert_hf_to_gguf.py merged --outfile model.gguf`, then `llama-cli -m model.gguf`"]
@@ -4803,9 +4807,10 @@ def keep_stored_fp32(model, folder):
               and name in stored and stored[name].dtype == "F32"}
     from safetensors import safe_open
 
-    for name, param in wanted.items():
-        with safe_open(os.path.join(folder, stored[name].file), framework="pt") as f:
-            param.data = f.get_tensor(name).to(param.device)
+    for file in sorted({stored[name].file for name in wanted}):
+        with safe_open(os.path.join(folder, file), framework="pt") as f:
+            for name in (name for name in wanted if stored[name].file == file):
+                wanted[name].data = f.get_tensor(name).to(wanted[name].device)
     if wanted:
         log.info(f"{len(wanted)} parameters the checkpoint stores in fp32 ({', '.join(FP32_PARAMETERS)}) train and "
                  "save in fp32")
@@ -4824,7 +4829,6 @@ def complete_saved_model(model, output_dir, keep_mtp=True, stored_dtypes=True):
         # One file just written: an index beside it is an earlier save's, whose shards save_pretrained removed.
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(output_dir, SAFE_INDEX))
-    patterns = getattr(type(model), "_keys_to_ignore_on_load_unexpected", None) or []
     try:
         before = stored_tensors(base)
     except (OSError, ValueError, KeyError) as e:  # a hub snapshot cached in part, a file that is not safetensors
@@ -4834,7 +4838,7 @@ def complete_saved_model(model, output_dir, keep_mtp=True, stored_dtypes=True):
     saved = stored_tensors(output_dir)
     if not saved:  # not written as safetensors: nothing to complete
         return [], []
-    carried = [name for name in before if name not in saved and any(re.search(p, name) for p in patterns)
+    carried = [name for name in not_loaded_by(model, before) if name not in saved
                and (keep_mtp or not name.startswith(MTP_PREFIX))]
     retyped = [name for name, tensor in saved.items() if stored_dtypes and name in before and tensor.dtype !=
                before[name].dtype and tensor.shape == before[name].shape and before[name].dtype in TORCH_DTYPES]
@@ -4844,6 +4848,13 @@ def complete_saved_model(model, output_dir, keep_mtp=True, stored_dtypes=True):
     if not keep_mtp:
         declare_no_mtp(output_dir)
     return carried, retyped
+
+
+def not_loaded_by(model, names):
+    """The tensor names of a checkpoint that the model's class drops when it loads (its
+    _keys_to_ignore_on_load_unexpected: the multi-token-prediction block of Qwen3.5/3.6/3.8 and Qwen3-Next)."""
+    patterns = getattr(type(model), "_keys_to_ignore_on_load_unexpected", None) or []
+    return [name for name in names if any(re.search(pattern, name) for pattern in patterns)]
 
 
 def restore_stored_dtypes(folder, saved, dtypes):
@@ -5123,8 +5134,7 @@ def finish(trainer, run, watch):
         card = os.path.join(args.output_dir, MODEL_CARD)
         model_card(watch.card_facts, trainer.state).save(card)
         if watch.card_facts.get("expert_lora"):
-            log.warning(f"{args.output_dir} holds LoRA on the fused MoE experts, which llama.cpp's LoRA converter "
-                        "refuses and serving engines do not all load: to serve it, merge it with python "
+            log.warning(f"{args.output_dir} holds {EXPERT_ADAPTER}: to serve it, merge it with python "
                         f"merge_adapter.py --adapter {args.output_dir} --output {args.output_dir.rstrip('/')}-merged")
         curves = os.path.join(args.output_dir, "training_curves.png")
         plot_training_curves(trainer.state.log_history, curves)
